@@ -1,0 +1,183 @@
+"""Hugging Face style Python API: LLM(model, overrides).generate(...)."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from executors import BlockInputs, make_executor
+from passes import run_pipeline
+
+from .build import build_graph
+from .config import Config, compose
+from .models import build_spec, hf_config_from_arch, hf_config_from_dir
+from .models.weights import CheckpointWeights, DummyWeights, WeightSource, describe_missing, find_checkpoint
+from .sampling import Sampling
+
+
+class LLM:
+    """A model compiled and run by graphgen.
+
+    model: a config name under conf/model (e.g. "opt-1.3b") or a local HF checkpoint dir.
+    overrides: the same strings the CLI takes ("schedule=row", "model.dtype=float32", ...).
+    """
+
+    def __init__(self, model: Optional[str] = None, overrides: Sequence[str] = (),
+                 config: Optional[Config] = None):
+        if config is None:
+            ov = list(overrides)
+            if model and Path(model).expanduser().is_dir():
+                p = Path(model).expanduser().resolve()
+                ov = [f"model.path={p}", f"model.name={p.name}"] + ov
+            elif model:
+                ov = [f"model={model}"] + ov
+            config = compose(ov)
+        self.cfg = config
+        self.checkpoint, self.source, self.notice = resolve_weights(config)
+        if self.notice:
+            print(self.notice, file=sys.stderr)
+        m = config.model
+        hf = hf_config_from_dir(self.checkpoint) if self.checkpoint else hf_config_from_arch(m.arch)
+        self.spec = build_spec(hf, m.name)
+        self.tokenizer = load_tokenizer(self.checkpoint)
+        self.executor = None
+        self._graphs: Dict[Tuple[int, int, int, int], object] = {}
+        self.last_stats: Dict = {}
+
+    # --- compile ------------------------------------------------------------------
+    def compile(self, prompt_len: int, gen_len: int, batch: int, num_batches: int):
+        """Graph -> passes, cached per shape. Refuses plans over budget before running."""
+        key = (prompt_len, gen_len, batch, num_batches)
+        if key not in self._graphs:
+            g = build_graph(self.spec, batch=batch, num_batches=num_batches, prompt_len=prompt_len,
+                            gen_len=gen_len, dtype=self.cfg.model.dtype)
+            self._graphs = {key: run_pipeline(g, self.cfg)}  # keep one: graphs of big jobs are large
+        return self._graphs[key]
+
+    def _executor(self):
+        if self.executor is None:
+            self.executor = make_executor(self.spec, self.source, self.cfg)
+        return self.executor
+
+    # --- generate -------------------------------------------------------------------
+    def generate(self, inputs: Union[torch.Tensor, List[str]], attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: Optional[int] = None):
+        """input_ids [B, S] (left-padded) -> [B, S + max_new_tokens]; a list of strings -> completions."""
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        if isinstance(inputs, (list, tuple)):
+            return self._generate_text(list(inputs), max_new_tokens, sampling)
+        ids = inputs.long().cpu()
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long().cpu()
+        new = self._generate_ids(ids, mask, max_new_tokens, sampling)
+        return torch.cat([ids, self._after_eos(new)], 1)
+
+    def _generate_ids(self, ids, mask, gen_len: int, sampling: Sampling) -> torch.Tensor:
+        B, S = ids.shape
+        p = self.cfg.policy
+        gbs = min(p.gpu_batch_size, B)
+        nb = min(p.num_gpu_batches, math.ceil(B / gbs))
+        graph = self.compile(S, gen_len, gbs, nb)
+        block = gbs * nb
+        n_blocks = math.ceil(B / block)
+        pad = n_blocks * block - B  # the last block is filled with copies of the last prompt
+        ids_p = torch.cat([ids, ids[-1:].expand(pad, S)]) if pad else ids
+        mask_p = torch.cat([mask, mask[-1:].expand(pad, S)]) if pad else mask
+        ex = self._executor()
+        outs, stats = [], []
+        t0 = time.perf_counter()
+        for b in range(n_blocks):
+            sl = slice(b * block, (b + 1) * block)
+            inp = BlockInputs(ids_p[sl].reshape(nb, gbs, S), mask_p[sl].reshape(nb, gbs, S), sampling, b)
+            outs.append(ex.run_block(graph, inp).reshape(block, gen_len))
+            stats.append(ex.stats)
+        self.last_stats = summarize(graph, stats, B, S, gen_len, time.perf_counter() - t0, self)
+        return torch.cat(outs)[:B]
+
+    def _after_eos(self, new: torch.Tensor) -> torch.Tensor:
+        """HF semantics: after a sequence's eos, every further token is the pad id."""
+        eos = self.spec.eos_token_id
+        if eos is None:
+            return new
+        pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else eos
+        done = (new == eos).long().cumsum(1) - (new == eos).long() > 0  # strictly after the first eos
+        return new.masked_fill(done, pad)
+
+    def _generate_text(self, prompts: List[str], max_new_tokens: int, sampling: Sampling) -> List[str]:
+        if self.tokenizer is None:
+            raise ValueError("generate(list of strings) needs a tokenizer: this model has no checkpoint "
+                             "tokenizer (dummy weights?); pass token ids instead")
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        out = self.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, sampling.do_sample,
+                            sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
+        new = out[:, enc["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def resolve_weights(cfg: Config) -> Tuple[Optional[Path], WeightSource, str]:
+    """(checkpoint dir or None, weight source, notice to print)."""
+    m = cfg.model
+    if m.weights not in ("auto", "hf", "dummy"):
+        raise ValueError(f"model.weights={m.weights!r}: use auto, hf or dummy")
+    if m.weights == "dummy":
+        return None, DummyWeights(cfg.seed), f"graphgen: {m.name} with DUMMY (random) weights (model.weights=dummy)"
+    ckpt = find_checkpoint(m.path, m.hf_id)
+    if ckpt is not None:
+        return ckpt, CheckpointWeights(ckpt), ""
+    if m.weights == "hf" or m.path:
+        raise FileNotFoundError(f"model.weights={m.weights}: {describe_missing(m.hf_id, m.path)}")
+    return None, DummyWeights(cfg.seed), (
+        f"graphgen: NOTE running {m.name} with DUMMY (random) weights: {describe_missing(m.hf_id, m.path)} "
+        f"(set model.weights=hf to make a missing checkpoint an error)")
+
+
+def load_tokenizer(ckpt: Optional[Path]):
+    if ckpt is None or not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                             "vocab.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def summarize(graph, block_stats: List[Dict], n_seqs: int, S: int, gen: int, wall: float, llm) -> Dict:
+    """FlexGen's metrics: generated tokens / (prefill + decode time), plus both phases."""
+    prefill = sum(s["time"]["prefill"] for s in block_stats)
+    decode = sum(s["time"]["decode"] for s in block_stats)
+    moved: Dict[str, int] = {}
+    for s in block_stats:
+        for link, n in s["bytes"].items():
+            moved[link] = moved.get(link, 0) + n
+    measured = {t: max(s["peak_bytes"][t] for s in block_stats) for t in block_stats[0]["peak_bytes"]}
+    sh = graph.graph["shape"]
+    return {
+        "model": llm.spec.name, "weights": llm.source.kind, "schedule": graph.graph["schedule"],
+        "executor": llm.cfg.executor.name, "num_prompts": n_seqs, "prompt_len": S, "gen_len": gen,
+        "gpu_batch_size": sh.batch, "num_gpu_batches": graph.graph["num_batches"],
+        "effective_batch": sh.batch * graph.graph["num_batches"],
+        "prefill_s": prefill, "decode_s": decode, "wall_s": wall,
+        "prefill_tok_s": n_seqs * S / prefill if prefill else 0.0,
+        "decode_tok_s": n_seqs * (gen - 1) / decode if decode and gen > 1 else 0.0,
+        "total_tok_s": n_seqs * gen / (prefill + decode) if prefill + decode else 0.0,
+        "planned_peak_bytes": dict(graph.graph["peak_bytes"]), "measured_peak_bytes": measured,
+        "budget_bytes": dict(graph.graph["budgets"]), "bytes_moved": moved,
+    }

@@ -1,0 +1,143 @@
+"""Typed configuration: dataclass schemas registered with Hydra's ConfigStore.
+
+YAML files under conf/ hold values; these classes hold the shape and the types,
+so a wrong key or a wrong type is rejected when the config is composed.
+Passes and executors take these dataclasses, never Hydra objects.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+TIERS = ("device", "host", "disk")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "opt-125m"
+    hf_id: str = "facebook/opt-125m"  # hub id looked up in the local HF cache
+    path: Optional[str] = None  # local checkpoint directory (config.json + weights)
+    weights: str = "auto"  # auto: checkpoint if found, else announced dummy | hf: require | dummy
+    dtype: str = "bfloat16"  # compute/storage dtype: float32 | bfloat16 | float16 (CUDA only)
+    arch: Dict[str, Any] = field(default_factory=dict)  # HF config.json fields (model_type, hidden_size...)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "zigzag"  # traversal order registered in passes/order.py: row | zigzag
+
+
+@dataclass
+class CompressionConfig:
+    bits: Optional[int] = None  # 4 or 8; None = off
+    group_size: int = 64
+    group_dim: int = -1
+
+
+@dataclass
+class PolicyConfig:
+    # FlexGen's six percents: weights, cache, activations on device / host; the rest on disk
+    percent: List[float] = field(default_factory=lambda: [100.0, 0.0, 100.0, 0.0, 100.0, 0.0])
+    gpu_batch_size: int = 4
+    num_gpu_batches: int = 1
+    cpu_attention: bool = False  # delegate decode attention to where the KV cache lives
+    weight_overrides: Dict[int, str] = field(default_factory=dict)  # layer index -> tier
+    compress_weight: CompressionConfig = field(default_factory=CompressionConfig)
+    compress_cache: CompressionConfig = field(default_factory=CompressionConfig)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device: str = "cpu"  # where compute runs: cpu | cuda
+    device_mem: str = "8GB"
+    host_mem: str = "12GB"
+    disk_mem: str = "100GB"
+    offload_dir: str = "${oc.env:GRAPHGEN_OFFLOAD_DIR,/tmp/graphgen-offload}"
+    # measured or published constants for the cost model (FLOP/s, bytes/s), keyed by name
+    profile: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class WorkloadConfig:
+    prompt_len: int = 32
+    gen_len: int = 16
+    num_prompts: Optional[int] = None  # None: one block of gpu_batch_size x num_gpu_batches
+    prompts_file: Optional[str] = None  # text file, one prompt per line (needs a tokenizer)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class ExecutorConfig:
+    name: str = "reference"
+    prefetch: int = 1  # how many squares ahead loads are issued
+    trace: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    # compiler pipeline: pass names registered in passes/
+    pipeline: List[str] = field(default_factory=lambda: [
+        "order", "place_tensors", "delegate_cpu_attention", "insert_io", "plan_memory"])
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the root schema so YAML values are validated against it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Any, key: str = "value") -> int:
+    """'16GB' / '512MiB' / 1e9 -> bytes; errors name the config key."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{key}={value!r} is not a size: write bytes or e.g. '16GB', '512MiB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def tier_budgets(hw: HardwareConfig) -> Dict[str, int]:
+    return {"device": parse_bytes(hw.device_mem, "hardware.device_mem"),
+            "host": parse_bytes(hw.host_mem, "hardware.host_mem"),
+            "disk": parse_bytes(hw.disk_mem, "hardware.disk_mem")}
+
+
+def to_config(cfg: Any) -> Config:
+    """OmegaConf DictConfig (from Hydra) -> plain typed Config dataclass."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, Config):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+
+
+def compose(overrides: Optional[List[str]] = None) -> Config:
+    """Compose conf/ with CLI-style overrides without running a Hydra app."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return to_config(cfg)

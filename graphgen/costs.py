@@ -1,0 +1,87 @@
+"""Bytes and FLOPs of every square, from the model spec alone (nothing is loaded or run)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models.base import LayerSpec, ModelSpec
+
+
+def dtype_of(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype={name!r} is not supported: use float32, bfloat16 or float16") from None
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The block being generated: gpu batch B, prompt S, gen_len tokens, item bytes."""
+
+    batch: int
+    prompt_len: int
+    gen_len: int
+    itemsize: int
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+    def new_tokens(self, i: int) -> int:  # s: tokens computed at step i
+        return self.prompt_len if i == 0 else 1
+
+    def context(self, i: int) -> int:  # L: context length after step i
+        return self.prompt_len + i
+
+
+def weight_bytes(layer: LayerSpec, itemsize: int) -> int:
+    return layer.numel * itemsize
+
+
+def act_bytes(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> int:
+    """Output of square (i, layer): hidden [B, s, act_dim]; the head outputs token ids."""
+    if layer.kind == "head":
+        return sh.batch * 8
+    return sh.batch * sh.new_tokens(i) * act_dim(spec, layer.kind) * sh.itemsize
+
+
+def act_dim(spec: ModelSpec, kind: str) -> int:
+    f = getattr(spec, "act_dim", None)
+    return f(kind) if f else spec.hidden_size
+
+
+def kv_cache_bytes(spec: ModelSpec, sh: Shape) -> int:
+    """Whole cache of one attention layer for one gpu batch: [2, S_max, B, nkv, d]."""
+    return 2 * sh.max_len * sh.batch * spec.kv_dim * sh.itemsize
+
+
+def kv_slice_bytes(spec: ModelSpec, sh: Shape, n_pos: int) -> int:
+    return 2 * n_pos * sh.batch * spec.kv_dim * sh.itemsize
+
+
+def flops(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> float:
+    """Matmul + attention FLOPs of square (i, layer)."""
+    B, s, L = sh.batch, sh.new_tokens(i), sh.context(i)
+    if layer.kind == "embed":
+        return 0.0
+    if layer.kind == "head":  # only the last position goes through the head
+        return 2.0 * B * sum(w.numel for w in layer.weights if len(w.shape) == 2)
+    matmul = 2.0 * B * s * sum(w.numel for w in layer.weights if len(w.shape) == 2)
+    if layer.kind == "attn":
+        matmul += 4.0 * B * spec.num_heads * s * L * spec.head_dim  # q.k and p.v
+    return matmul
+
+
+def workspace_bytes(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> int:
+    """Transient memory of computing the square (scores, q/k/v, MLP intermediate)."""
+    B, s, L = sh.batch, sh.new_tokens(i), sh.context(i)
+    if layer.kind == "attn":
+        scores = B * spec.num_heads * s * L * 4
+        qkv = B * s * (spec.hidden_size + 2 * spec.kv_dim) * sh.itemsize
+        return scores + 2 * qkv + 2 * B * L * spec.kv_dim * sh.itemsize
+    if layer.kind == "mlp":
+        return 2 * B * s * spec.ffn_dim * sh.itemsize
+    if layer.kind == "head":
+        return B * spec.vocab_size * 4 * 2
+    return B * s * spec.hidden_size * sh.itemsize

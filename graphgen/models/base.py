@@ -1,0 +1,161 @@
+"""Architecture spec: the layers of a model, their weights, and their compute.
+
+A model is a list of *layers*, the units of placement in the graph:
+    embed, (attn, mlp) x num_hidden_layers, head
+Each layer lists its weights (checkpoint name, shape) so passes can reason about
+bytes without loading anything, and the family's compute functions run one layer
+for one GPU batch. Families subclass ModelSpec and override the compute hooks.
+
+Tensor conventions (B = gpu batch, s = new tokens this step, L = context length):
+    hidden     [B, s, H]
+    q          [B, nh, s, d]      k, v  [B, nkv, s, d]
+    kv cache   [2, S_max, B, nkv, d]  (sequence-major, so a prefix is contiguous on disk)
+    mask       [B, L] long, 1 = real token, 0 = left padding
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+LAYER_KINDS = ("embed", "attn", "mlp", "head")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str  # local name inside the layer, e.g. "q_proj.weight"
+    source: str  # checkpoint tensor name, e.g. "model.decoder.layers.3.self_attn.q_proj.weight"
+    shape: Tuple[int, ...]
+    init: str = "normal"  # dummy weights: normal | ones | zeros
+    compressible: bool = True  # matrices yes; biases and norms stay uncompressed
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class LayerSpec:
+    kind: str  # embed | attn | mlp | head
+    index: int  # j: position in the model's layer list (graph layer coordinate)
+    block: int  # decoder block number (-1 for embed/head)
+    weights: List[WeightSpec] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(w.numel for w in self.weights)
+
+
+class ModelSpec:
+    """Base spec: shapes from an HF config; families override the compute hooks."""
+
+    family = "base"
+
+    def __init__(self, hf_config: Any, name: str = ""):
+        self.hf_config = hf_config
+        self.name = name or getattr(hf_config, "_name_or_path", "") or self.family
+        c = hf_config
+        self.vocab_size = c.vocab_size
+        self.hidden_size = c.hidden_size
+        self.num_blocks = c.num_hidden_layers
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = getattr(c, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(c, "head_dim", None) or self.hidden_size // self.num_heads
+        self.ffn_dim = getattr(c, "ffn_dim", None) or getattr(c, "intermediate_size", None) or 4 * c.hidden_size
+        self.max_positions = getattr(c, "max_position_embeddings", None) or 2048
+        self.eos_token_id = _first_id(getattr(c, "eos_token_id", None))
+        self.pad_token_id = _first_id(getattr(c, "pad_token_id", None))
+        self.layers: List[LayerSpec] = self.build_layers()
+
+    # --- structure -------------------------------------------------------
+    def build_layers(self) -> List[LayerSpec]:
+        layers = [LayerSpec("embed", 0, -1, self.embed_weights())]
+        for b in range(self.num_blocks):
+            layers.append(LayerSpec("attn", len(layers), b, self.attn_weights(b)))
+            layers.append(LayerSpec("mlp", len(layers), b, self.mlp_weights(b)))
+        layers.append(LayerSpec("head", len(layers), -1, self.head_weights()))
+        return layers
+
+    def embed_weights(self) -> List[WeightSpec]:
+        raise NotImplementedError(f"{type(self).__name__} must list its embedding weights")
+
+    def attn_weights(self, block: int) -> List[WeightSpec]:
+        raise NotImplementedError(f"{type(self).__name__} must list its attention weights")
+
+    def mlp_weights(self, block: int) -> List[WeightSpec]:
+        raise NotImplementedError(f"{type(self).__name__} must list its MLP weights")
+
+    def head_weights(self) -> List[WeightSpec]:
+        raise NotImplementedError(f"{type(self).__name__} must list its output-head weights")
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def act_dim(self, kind: str) -> int:
+        """Width of the hidden tensor a layer of this kind outputs (GPT-NeoX's parallel attn: 2H)."""
+        return self.hidden_size
+
+    # --- compute hooks (w: local name -> tensor on the compute device) ---------
+    def embed(self, w: Dict[str, torch.Tensor], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions [B, s] -> hidden [B, s, H]."""
+        raise NotImplementedError
+
+    def attn_qkv(self, w, h: torch.Tensor, positions: torch.Tensor):
+        """hidden [B, s, H] -> q [B, nh, s, d], k/v [B, nkv, s, d] (norm, projections, rotary)."""
+        raise NotImplementedError
+
+    def attn_out(self, w, ctx: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """ctx [B, s, nh*d], residual [B, s, H] -> hidden [B, s, H]."""
+        raise NotImplementedError
+
+    def mlp(self, w, h: torch.Tensor) -> torch.Tensor:
+        """hidden [B, s, H] -> hidden [B, s, H] (norm, MLP, residual)."""
+        raise NotImplementedError
+
+    def head(self, w, h: torch.Tensor) -> torch.Tensor:
+        """hidden of the last position [B, H] -> logits [B, V] (float32)."""
+        raise NotImplementedError
+
+    def attn_bias(self, mask: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
+        """mask [B, L] -> additive bias [B, 1, s, L]: causal over the last s positions + padding."""
+        return causal_padding_bias(mask, s, dtype)
+
+    def attn_core(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        """q [B, nh, s, d], k/v [B, nkv, L, d], mask [B, L] -> ctx [B, s, nh*d]."""
+        bias = self.attn_bias(mask, q.shape[2], q.dtype)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.attn_scale)
+        b, nh, s, d = out.shape
+        return out.transpose(1, 2).reshape(b, s, nh * d)
+
+    attn_scale = None  # None: 1/sqrt(head_dim) as SDPA does
+
+
+def causal_padding_bias(mask: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
+    """mask [B, L] -> [B, 1, s, L] with 0 where attended, dtype-min where not."""
+    b, L = mask.shape
+    q_pos = torch.arange(L - s, L, device=mask.device)[:, None]  # (s, 1)
+    k_pos = torch.arange(L, device=mask.device)[None, :]  # (1, L)
+    allowed = (k_pos <= q_pos)[None, None] & mask[:, None, None, :].bool()  # (B, 1, s, L)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """HF generate's position ids: cumsum of the mask - 1, padding at 1."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill_(mask == 0, 1)
+
+
+def _first_id(x):
+    if isinstance(x, (list, tuple)):
+        return x[0] if x else None
+    return x

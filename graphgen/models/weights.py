@@ -1,0 +1,133 @@
+"""Weight sources: read one checkpoint tensor at a time (safetensors, .bin) or synthesise it.
+
+Never holds the whole checkpoint in RAM: safetensors are opened lazily and read tensor
+by tensor; .bin files are memory-mapped (torch.load(mmap=True)).
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .base import WeightSpec
+
+_PREFIXES = ("", "model.", "decoder.", "transformer.", "gpt_neox.")
+
+
+class WeightSource:
+    """Yields tensors for WeightSpecs in the requested dtype."""
+
+    kind = "abstract"
+
+    def get(self, spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class DummyWeights(WeightSource):
+    """Deterministic random weights (FlexGen's dummy mode), seeded by tensor name."""
+
+    kind = "dummy"
+
+    def __init__(self, seed: int = 0, std: float = 0.02):
+        self.seed, self.std = seed, std
+
+    def get(self, spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
+        if spec.init == "ones":
+            return torch.ones(spec.shape, dtype=dtype)
+        if spec.init == "zeros":
+            return torch.zeros(spec.shape, dtype=dtype)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(spec.source.encode()))
+        return (torch.randn(spec.shape, generator=g) * self.std).to(dtype)
+
+
+class CheckpointWeights(WeightSource):
+    """A local Hugging Face checkpoint directory (*.safetensors or pytorch_model*.bin)."""
+
+    kind = "hf"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._where: Dict[str, Path] = {}  # tensor name -> file
+        self._open: Dict[Path, object] = {}
+        files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
+        files = [f for f in files if not f.name.startswith("training_args")]
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors or *.bin weights in {self.path}")
+        for f in files:
+            for name in self._names(f):
+                self._where[name] = f
+
+    def _names(self, f: Path) -> List[str]:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt") as h:
+                return list(h.keys())
+        return list(self._handle(f).keys())
+
+    def _handle(self, f: Path):
+        if f not in self._open:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self._open[f] = safe_open(str(f), "pt")
+            else:
+                self._open[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+        return self._open[f]
+
+    def resolve(self, source: str) -> Optional[str]:
+        """Checkpoint name for a spec name, tolerating 'model.'/'decoder.' prefix differences."""
+        stripped = source
+        for p in _PREFIXES[1:]:
+            if stripped.startswith(p):
+                stripped = stripped[len(p):]
+                break
+        for cand in [source] + [p + stripped for p in _PREFIXES] + [p + source for p in _PREFIXES]:
+            if cand in self._where:
+                return cand
+        return None
+
+    def get(self, spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
+        name = self.resolve(spec.source)
+        if name is None:
+            raise KeyError(f"checkpoint {self.path} has no tensor {spec.source!r} "
+                           f"(needed for {spec.name}); is this the right model family?")
+        h = self._handle(self._where[name])
+        t = h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+        if tuple(t.shape) != tuple(spec.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != spec shape {spec.shape}")
+        return t.to(dtype)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def find_checkpoint(path: Optional[str], hf_id: Optional[str]) -> Optional[Path]:
+    """A local directory with config.json: model.path, else the HF hub cache (offline)."""
+    if path:
+        p = Path(path).expanduser()
+        return p if (p / "config.json").exists() else None
+    if not hf_id:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = snapshot_download(hf_id, local_files_only=True)
+    except Exception:  # not in the cache, or hub library unavailable: no checkpoint
+        return None
+    p = Path(snap)
+    return p if (p / "config.json").exists() else None
+
+
+def describe_missing(hf_id: str, path: Optional[str]) -> str:
+    where = f"model.path={path}" if path else f"the Hugging Face cache ({hf_id})"
+    return (f"no checkpoint found in {where}. To use real weights, download them "
+            f"(`huggingface-cli download {hf_id}`) or set model.path=/dir/with/config.json; "
+            f"to benchmark with random weights, set model.weights=dummy.")
+

@@ -1,0 +1,114 @@
+"""I/O insertion: load / store nodes and frees around every square, with a prefetch distance.
+
+requires: order, w_home, kv_home, act_home, attn_device
+provides: on squares: slot (= order), w_buf, kv_buf, act_in (working-copy keys, None = use home),
+          frees: [(buf, tier, kind, bytes)] working copies dropped after the square (last use);
+          I/O nodes with op (load | store), tensor, buf, src, dst, bytes, slot, phase, square;
+          graph.graph["ops"]: every node in execution order (the flat schedule executors run).
+Within a slot t: loads issued at t (for squares t..t+prefetch), compute t, stores of t, then t's frees.
+A load never goes earlier than the slot after its producer stored the data.
+"""
+from __future__ import annotations
+
+from . import register
+
+LOAD, COMPUTE, STORE = 0, 1, 2
+
+
+class _Batch:
+    """Nodes and edges collected during the walk, added to the graph at once (fast)."""
+
+    def __init__(self):
+        self.nodes, self.edges = [], []
+
+    def io(self, node, square, **attrs):
+        attrs["square"] = square
+        self.nodes.append((node, attrs))
+        self.edges.append((node, square) if attrs["op"] == "load" else (square, node))
+
+    def edge(self, u, v):
+        self.edges.append((u, v))
+
+
+@register("insert_io", requires=("order", "w_home", "kv_home", "act_home", "attn_device"),
+          provides=("slot", "w_buf", "kv_buf", "act_in"))
+def insert_io(graph, cfg):
+    prefetch = max(0, int(cfg.executor.prefetch))
+    A = dict(graph.nodes(data=True))  # plain dict access: views are slow at 100k+ nodes
+    seq = sorted((n for n in A if "kind" in A[n]), key=lambda n: A[n]["order"])
+    io = _Batch()
+    start = 0  # first square of the current run of one layer
+    for idx, n in enumerate(seq):
+        a = A[n]
+        a["slot"], a["phase"], a["frees"] = a["order"], COMPUTE, []
+        start = idx if idx == 0 or seq[idx - 1][1] != n[1] else start
+        last = idx == len(seq) - 1 or seq[idx + 1][1] != n[1]
+        _weights(io, A[seq[start]]["order"], last, n, a, prefetch)
+        _activation_in(io, A, n, a, prefetch)
+        if a["kind"] == "attn":
+            _kv(io, A, n, a, prefetch)
+        if a["kind"] != "head" and a["act_home"] != "device":
+            io.io(("store", "act") + n, n, op="store", tensor=("act",) + n, buf=("act",) + n,
+                  src="device", dst=a["act_home"], bytes=a["act_bytes"], slot=a["slot"], phase=STORE)
+    graph.add_nodes_from(io.nodes)
+    graph.add_edges_from(io.edges, dep="io")
+    A.update(io.nodes)
+    graph.graph["ops"] = sorted(seq + [m for m, _ in io.nodes], key=lambda m: _sort_key(A, m))
+    return graph
+
+
+def _sort_key(A, m):
+    b = A[m]
+    target = A[b["square"]]["order"] if "square" in b else b["order"]
+    return (b["slot"], b["phase"], target, 0 if b.get("tensor", ("w",))[0] == "w" else 1)
+
+
+def _weights(io, run_start, last, n, a, prefetch):
+    """One load per run of consecutive squares of the same layer (zig-zag reuses it across batches)."""
+    j = n[1]
+    if a["w_home"] == "device":
+        a["w_buf"] = None
+        return
+    a["w_buf"] = ("w", j, run_start)
+    if run_start == a["order"]:
+        io.io(("load",) + a["w_buf"], n, op="load", tensor=("w", j), buf=a["w_buf"], src=a["w_home"],
+            dst="device", bytes=a["w_bytes"], slot=max(0, a["order"] - prefetch), phase=LOAD)
+    else:
+        io.edge(("load",) + a["w_buf"], n)
+    if last:
+        a["frees"].append((a["w_buf"], "device", "w", a["w_bytes"]))
+
+
+def _activation_in(io, A, n, a, prefetch):
+    """The hidden state from the previous layer: loaded from its home unless it stayed on device."""
+    i, j, k = n
+    if j == 0:  # the embedding reads token ids, kept with the executor's block state
+        a["act_in"] = None
+        return
+    prod = A[(i, j - 1, k)]
+    buf = ("act", i, j - 1, k)
+    a["act_in"] = buf
+    if prod["act_home"] != "device":
+        slot = max(a["order"] - prefetch, prod["order"] + 1)
+        io.io(("load",) + buf, n, op="load", tensor=buf, buf=buf, src=prod["act_home"], dst="device",
+            bytes=prod["act_bytes"], slot=slot, phase=LOAD)
+        io.edge(("store",) + buf, ("load",) + buf)
+    a["frees"].append((buf, "device", "act", prod["act_bytes"]))
+
+
+def _kv(io, A, n, a, prefetch):
+    """Decode attention reads the cache prefix; every attention square stores its new slice."""
+    i, j, k = n
+    where = "host" if a["attn_device"] == "host" else "device"
+    a["kv_buf"] = None
+    if i > 0 and a["kv_home"] != where:
+        prev = A[(i - 1, j, k)]
+        buf = ("kv", j, k, i)
+        a["kv_buf"] = buf
+        slot = max(a["order"] - prefetch, prev["order"] + 1)
+        io.io(("load",) + buf, n, op="load", tensor=("kv", j, k), buf=buf, src=a["kv_home"], dst=where,
+            bytes=a["kv_read"], slot=slot, phase=LOAD)
+        io.edge(("store", "kv", j, k, i - 1), ("load",) + buf)
+        a["frees"].append((buf, where, "kv", a["kv_read"]))
+    io.io(("store", "kv", j, k, i), n, op="store", tensor=("kv", j, k), buf=("kvnew", j, k, i),
+        src=where, dst=a["kv_home"], bytes=a["kv_write"], slot=a["order"], phase=STORE)
