@@ -74,14 +74,17 @@ def flops(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> float:
 
 
 def workspace_bytes(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> int:
-    """Transient memory of computing the square (scores, q/k/v, MLP intermediate)."""
-    B, s, L = sh.batch, sh.new_tokens(i), sh.context(i)
+    """Transient memory of computing the square, in the compute dtype: attention's q/k/v, the
+    padding/causal bias, scores and their softmax, the joined KV prefix in decode; the MLP's two
+    intermediates; the head's float32 logits."""
+    B, s, L, it = sh.batch, sh.new_tokens(i), sh.context(i), sh.itemsize
     if layer.kind == "attn":
-        scores = B * spec.num_heads * s * L * 4
-        qkv = B * s * (spec.hidden_size + 2 * spec.kv_dim) * sh.itemsize
-        return scores + 2 * qkv + 2 * B * L * spec.kv_dim * sh.itemsize
+        qkv_ctx = B * s * (2 * spec.hidden_size + 2 * spec.kv_dim) * it
+        scores = 2 * B * spec.num_heads * s * L * it + B * s * L * it
+        cat = 2 * B * L * spec.kv_dim * it if i > 0 else 0  # decode: prefix + new slice joined
+        return qkv_ctx + scores + cat
     if layer.kind == "mlp":
-        return 2 * B * s * spec.ffn_dim * sh.itemsize
+        return 2 * B * s * spec.ffn_dim * it
     if layer.kind == "head":
         return B * spec.vocab_size * 4 * 2
-    return B * s * spec.hidden_size * sh.itemsize
+    return B * s * spec.hidden_size * it

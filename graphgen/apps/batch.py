@@ -1,0 +1,209 @@
+"""Batch job: a prompts file in, one JSON line per prompt out; resumable after any crash.
+
+    python -m graphgen job=batch job.input=prompts.jsonl job.output=out.jsonl
+
+Stages: read + validate every line (bad lines -> <output>.errors.jsonl, or stop),
+repair the output's torn tail and skip ids already there, bucket the rest by
+generation settings and prompt length, generate block by block, append each
+finished block with write + flush + fsync. A SIGKILL at any moment loses at most
+the block in flight, and re-running the same command writes every id exactly once.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from graphgen.apps.batch_io import (BadInputError, BadLine, GenSettings, Request, append_durably,  # noqa: F401
+                                    bad_input_message, id_key, lock_output, read_input, repair_output,
+                                    validate, write_errors)
+from graphgen.stopping import finish, normalize_stops
+
+
+@dataclass
+class BatchSummary:
+    total: int = 0  # valid prompts in the input
+    already_done: int = 0  # found in the output at start
+    generated: int = 0  # written by this run
+    bad_lines: List[BadLine] = field(default_factory=list)
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    repaired_bytes: int = 0  # torn tail dropped from the output at start
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- planning and generation ---------------------------------------------------------------
+
+def plan_blocks(requests: List[Request], block_size: int) -> List[List[Request]]:
+    """Group by generation settings, sort each group by prompt length (longest first: any
+    out-of-memory shows at the start), cut into blocks: a block pads only to its own longest."""
+    groups: Dict[GenSettings, List[Request]] = {}
+    for r in requests:
+        groups.setdefault(r.gen, []).append(r)
+    blocks = []
+    for reqs in groups.values():
+        reqs = sorted(reqs, key=lambda r: (-len(r.ids), r.line))
+        blocks.extend(reqs[i:i + block_size] for i in range(0, len(reqs), block_size))
+    return blocks
+
+
+def left_pad(rows: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> input_ids, attention_mask [B, S], padded on the left."""
+    S = max(len(r) for r in rows)
+    ids = torch.full((len(rows), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), S), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, S - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, S - len(r):] = 1
+    return ids, mask
+
+
+def block_seed(seed: Optional[int], block: List[Request]) -> Optional[int]:
+    """A block's seed from the job seed and its first id: same block, same samples on a re-run."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + zlib.crc32(id_key(block[0].id).encode())) & 0x7FFF_FFFF
+
+
+def supports_logprobs(llm: Any) -> bool:
+    import inspect
+    try:
+        return "return_logprobs" in inspect.signature(llm.generate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def generate_block(llm: Any, block: List[Request], *, seed: Optional[int], logprobs: bool,
+                   eos_id: Any, pad_id: int) -> List[Dict[str, Any]]:
+    """One generate call for a block -> its output lines."""
+    g = block[0].gen
+    input_ids, mask = left_pad([r.ids for r in block], pad_id)
+    kw = dict(attention_mask=mask, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
+              temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=seed)
+    if logprobs:
+        out, lps = llm.generate(input_ids, return_logprobs=True, **kw)  # [B, S+T], [B, T]
+    else:
+        out, lps = llm.generate(input_ids, **kw), None
+    new = out[:, input_ids.shape[1]:]  # (B, T)
+    lines = []
+    for b, r in enumerate(block):
+        c = finish(llm.tokenizer, r.ids, new[b].tolist(), eos_token_id=eos_id, stop=r.stop,
+                   logprobs=None if lps is None else lps[b].tolist())
+        line = {"id": r.id, "prompt": r.prompt, "completion": c.text, "prompt_tokens": len(r.ids),
+                "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+        if logprobs:
+            line["logprobs"] = {"tokens": c.tokens, "token_logprobs": c.logprobs}
+        lines.append(line)
+    return lines
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+def run_batch(llm: Any, input_path, output_path, *, max_new_tokens: int = 32, temperature: float = 1.0,
+              top_k: int = 0, top_p: float = 1.0, do_sample: bool = False, seed: Optional[int] = None,
+              stop: Sequence[str] = (), on_bad_input: str = "skip", logprobs: bool = False,
+              block_size: Optional[int] = None, progress: bool = True,
+              input_format: str = "auto") -> BatchSummary:
+    """Generate a completion for every good prompt of input_path not yet in output_path."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    errors_path = output_path.with_name(output_path.name + ".errors.jsonl")
+    if on_bad_input not in ("skip", "stop"):
+        raise ValueError(f"on_bad_input={on_bad_input!r}: use skip or stop")
+    if llm.tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer; the batch job needs one: point model.path "
+                         "at a directory with tokenizer files (tokenizer.json, ...)")
+    if logprobs and not supports_logprobs(llm):
+        raise ValueError("job.logprobs=true needs LLM.generate(..., return_logprobs=True); "
+                         "this LLM does not offer it: set job.logprobs=false")
+    if not input_path.exists():
+        raise FileNotFoundError(f"job.input={input_path} does not exist")
+    spec = llm.spec
+    defaults = GenSettings(max_new_tokens, do_sample and temperature > 0, float(temperature) if temperature > 0
+                           else 1.0, top_k, top_p)
+    records, bad = read_input(input_path, input_format)
+    requests, bad2 = validate(records, llm.tokenizer, defaults, normalize_stops(stop), spec.max_positions)
+    bad = sorted(bad + bad2, key=lambda b: b.line)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    write_errors(errors_path, bad)
+    if bad and on_bad_input == "stop":
+        raise BadInputError(bad_input_message(bad, input_path, errors_path))
+    with open(output_path, "ab") as out:
+        lock_output(out)
+        done, dropped = repair_output(output_path)
+        summary = BatchSummary(total=len(requests), bad_lines=bad, repaired_bytes=dropped)
+        pending = [r for r in requests if id_key(r.id) not in done]
+        summary.already_done = len(requests) - len(pending)
+        _announce(summary, output_path, errors_path)
+        blocks = plan_blocks(pending, block_size or default_block_size(llm))
+        _run_blocks(llm, blocks, out, summary, seed=seed, logprobs=logprobs, progress=progress)
+    _log(f"batch: {summary.generated} generated, {summary.already_done + summary.generated}/{summary.total} "
+         f"done, {summary.completion_tokens} tokens in {summary.seconds:.1f} s "
+         f"({summary.tokens_per_s:.1f} tokens/s) -> {output_path}")
+    return summary
+
+
+def _run_blocks(llm, blocks, out, summary: BatchSummary, *, seed, logprobs, progress) -> None:
+    from tqdm import tqdm
+
+    eos_id = llm.spec.eos_token_id
+    pad_id = llm.spec.pad_token_id if llm.spec.pad_token_id is not None else (eos_id or 0)
+    show = progress and sys.stderr.isatty()
+    bar = tqdm(total=summary.total, initial=summary.already_done, unit="prompt", disable=not show,
+               file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    with bar:
+        for block in blocks:
+            lines = generate_block(llm, block, seed=block_seed(seed, block), logprobs=logprobs,
+                                   eos_id=eos_id, pad_id=pad_id)
+            append_durably(out, lines)
+            summary.generated += len(lines)
+            summary.completion_tokens += sum(ln["completion_tokens"] for ln in lines)
+            summary.seconds = time.perf_counter() - t0
+            bar.update(len(lines))
+            bar.set_postfix_str(f"{summary.tokens_per_s:.1f} tok/s")
+
+
+def default_block_size(llm: Any) -> int:
+    """Prompts per generate call: the LLM's block (gpu_batch_size x num_gpu_batches), else 8."""
+    n = getattr(llm, "block_size", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    policy = getattr(getattr(llm, "cfg", None), "policy", None)
+    if policy is not None:
+        return int(policy.gpu_batch_size) * int(policy.num_gpu_batches)
+    return 8
+
+
+def _announce(s: BatchSummary, output_path: Path, errors_path: Path) -> None:
+    if s.bad_lines:
+        _log(f"batch: skipping {len(s.bad_lines)} bad input line(s), listed in {errors_path}")
+    if s.repaired_bytes:
+        _log(f"batch: dropped a torn last line ({s.repaired_bytes} bytes) from {output_path}")
+    if s.already_done:
+        _log(f"batch: resuming, {s.already_done}/{s.total} prompts already in {output_path}")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(job: Any, llm: Any, workload: Any = None, seed: Optional[int] = None) -> BatchSummary:
+    """CLI entry (job=batch): typed JobConfig + loaded LLM; workload/seed fill unset settings."""
+    from graphgen.apps.job_config import resolve_job
+
+    j = resolve_job(job, workload, seed)
+    try:
+        return run_batch(llm, j.input, j.output, max_new_tokens=j.max_new_tokens, temperature=j.temperature,
+                         top_k=j.top_k, top_p=j.top_p, do_sample=j.do_sample, seed=j.seed, stop=j.stop,
+                         on_bad_input=j.on_bad_input, logprobs=j.logprobs, block_size=j.block_size,
+                         progress=j.progress, input_format=j.input_format)
+    except BadInputError as e:
+        raise SystemExit(str(e)) from None

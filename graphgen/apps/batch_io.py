@@ -1,0 +1,245 @@
+"""Batch job input and output: read + validate the prompts file, repair + append the results file.
+
+Input lines become Requests or BadLines (with 1-based line numbers); the results
+file is append-only JSONL whose torn tail (a crash mid-write) is cut on resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from graphgen.stopping import normalize_stops
+
+MAX_SHOWN_ERRORS = 10
+Record = Tuple[int, Dict[str, Any], str]  # line number, parsed line, line text
+
+
+class BadInputError(ValueError):
+    """The input file has bad lines and on_bad_input=stop: nothing was generated."""
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """What must be identical for prompts to share one generate call."""
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+@dataclass
+class Request:
+    line: int  # 1-based line number in the input file
+    id: Any  # str or int, as given (text input: the line number)
+    prompt: str
+    ids: List[int]  # tokenised prompt
+    gen: GenSettings
+    stop: Tuple[str, ...] = ()
+
+
+@dataclass
+class BadLine:
+    line: int
+    error: str
+    id: Any = None
+    text: str = ""
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"line": self.line, "id": self.id, "error": self.error, "input": self.text[:200]}
+
+
+# --- input: read and validate -------------------------------------------------------------
+
+def detect_format(path: Path, lines: Sequence[bytes], fmt: str = "auto") -> str:
+    """jsonl | text: by extension, else by whether the first non-blank line is a JSON object."""
+    if fmt != "auto":
+        return fmt
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if path.suffix.lower() == ".txt":
+        return "text"
+    first = next((ln.strip() for ln in lines if ln.strip()), b"")
+    return "jsonl" if first.startswith(b"{") else "text"
+
+
+def read_input(path: Path, fmt: str = "auto") -> Tuple[List[Record], List[BadLine]]:
+    """File -> ([(line number, {"id", "prompt", ...}, line text)], bad lines). Blank JSONL lines are ignored."""
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the final newline does not start a line
+    fmt = detect_format(path, lines, fmt)
+    good, bad = [], []
+    for n, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            bad.append(BadLine(n, f"not UTF-8 text ({e.reason} at byte {e.start})"))
+            continue
+        if fmt == "text":
+            good.append((n, {"id": n, "prompt": text}, text))
+        elif text.strip():
+            rec = _parse_json_line(n, text, bad)
+            if rec is not None:
+                good.append((n, rec, text))
+    return good, bad
+
+
+def _parse_json_line(n: int, text: str, bad: List[BadLine]) -> Optional[Dict[str, Any]]:
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        bad.append(BadLine(n, f"invalid JSON: {e.msg} at column {e.colno}", text=text))
+        return None
+    if not isinstance(rec, dict):
+        bad.append(BadLine(n, f"expected a JSON object with id and prompt, got {type(rec).__name__}", text=text))
+        return None
+    missing = [k for k in ("id", "prompt") if k not in rec]
+    if missing:
+        bad.append(BadLine(n, f"missing field(s): {', '.join(missing)}", rec.get("id"), text))
+        return None
+    return rec
+
+
+def validate(records: List[Record], tokenizer: Any, defaults: GenSettings,
+             stop: Sequence[str], max_positions: Optional[int]) -> Tuple[List[Request], List[BadLine]]:
+    """Records -> requests that can run, and bad lines (type errors, empty or too-long prompts, duplicates)."""
+    checked, bad = [], []
+    for n, rec, text in records:
+        err = _check_fields(rec)
+        if err:
+            bad.append(BadLine(n, err, rec.get("id"), text))
+        else:
+            checked.append((n, rec, text))
+    token_ids = _tokenize(tokenizer, [rec["prompt"] for _, rec, _ in checked])
+    seen: Dict[str, int] = {}
+    good = []
+    for (n, rec, text), ids in zip(checked, token_ids):
+        req = _request(n, rec, ids, defaults, stop)
+        err = _check_request(req, max_positions, seen)
+        if err:
+            bad.append(BadLine(n, err, rec["id"], text))
+        else:
+            seen[id_key(req.id)] = n
+            good.append(req)
+    bad.sort(key=lambda b: b.line)
+    return good, bad
+
+
+def _check_fields(rec: Dict[str, Any]) -> Optional[str]:
+    i, p = rec["id"], rec["prompt"]
+    if isinstance(i, bool) or not isinstance(i, (str, int)):
+        return f"id must be a string or an integer, got {json.dumps(i)}"
+    if not isinstance(p, str):
+        return f"prompt must be a string, got {type(p).__name__}"
+    if not p.strip():
+        return "empty prompt"
+    m = rec.get("max_new_tokens")
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        return f"max_new_tokens must be an integer >= 1, got {json.dumps(m)}"
+    t = rec.get("temperature")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
+        return f"temperature must be a number >= 0 (0: greedy), got {json.dumps(t)}"
+    s = rec.get("stop")
+    if s is not None and not (isinstance(s, str) or (isinstance(s, list) and all(isinstance(x, str) for x in s))):
+        return f"stop must be a string or a list of strings, got {json.dumps(s)}"
+    return None
+
+
+def _request(n: int, rec: Dict[str, Any], ids: List[int], d: GenSettings, stop: Sequence[str]) -> Request:
+    gen = d
+    if rec.get("max_new_tokens") is not None:
+        gen = GenSettings(rec["max_new_tokens"], gen.do_sample, gen.temperature, gen.top_k, gen.top_p)
+    if rec.get("temperature") is not None:  # a request's temperature picks sampling (> 0) or greedy (0)
+        t = float(rec["temperature"])
+        gen = GenSettings(gen.max_new_tokens, t > 0, t if t > 0 else 1.0, gen.top_k, gen.top_p)
+    stops = normalize_stops(rec["stop"]) if rec.get("stop") is not None else tuple(stop)
+    return Request(n, rec["id"], rec["prompt"], ids, gen, stops)
+
+
+def _check_request(r: Request, max_positions: Optional[int], seen: Dict[str, int]) -> Optional[str]:
+    if id_key(r.id) in seen:
+        return f"duplicate id {json.dumps(r.id)} (first on line {seen[id_key(r.id)]})"
+    if max_positions and len(r.ids) + r.gen.max_new_tokens > max_positions:
+        return (f"prompt too long: {len(r.ids)} tokens + max_new_tokens {r.gen.max_new_tokens} > "
+                f"the model's context of {max_positions}; shorten the prompt or lower max_new_tokens")
+    return None
+
+
+def _tokenize(tokenizer: Any, texts: List[str], chunk: int = 1024) -> List[List[int]]:
+    out: List[List[int]] = []
+    for i in range(0, len(texts), chunk):
+        out.extend(list(x) for x in tokenizer(texts[i:i + chunk])["input_ids"])
+    return out
+
+
+def id_key(i: Any) -> str:
+    """Ids compare by JSON form: 7 and "7" are different ids."""
+    return json.dumps(i)
+
+
+def write_errors(path: Path, bad: List[BadLine]) -> None:
+    """Rewrite the errors file (atomically) for this run's validation; remove it when clean."""
+    if not bad:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(b.to_json(), ensure_ascii=False) + "\n" for b in bad), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def bad_input_message(bad: List[BadLine], input_path: Path, errors_path: Path) -> str:
+    shown = "\n".join(f"  line {b.line}: {b.error}" for b in bad[:MAX_SHOWN_ERRORS])
+    more = f"\n  ... and {len(bad) - MAX_SHOWN_ERRORS} more" if len(bad) > MAX_SHOWN_ERRORS else ""
+    return (f"{input_path}: {len(bad)} bad input line(s); nothing was generated "
+            f"(job.on_bad_input=stop):\n{shown}{more}\nAll of them are listed in {errors_path}. "
+            "Fix them, or set job.on_bad_input=skip to generate the good lines only.")
+
+
+# --- output: resume and durable append ------------------------------------------------------
+
+def repair_output(path: Path) -> Tuple[set, int]:
+    """Drop a torn last line (crash mid-write); return (ids already written, bytes dropped)."""
+    if not path.exists():
+        return set(), 0
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
+    lines = data[:keep].split(b"\n")[:-1]
+    done = set()
+    for n, raw in enumerate(lines, start=1):
+        try:
+            done.add(id_key(json.loads(raw)["id"]))
+        except (ValueError, KeyError, TypeError):
+            if n < len(lines):
+                raise ValueError(f"{path}: line {n} is not a result line ({raw[:80]!r}); the output file "
+                                 "was edited or belongs to another tool: move it away and re-run") from None
+            keep -= len(raw) + 1  # a complete but garbled last line (e.g. zero-filled): torn as well
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return done, len(data) - keep
+
+
+def lock_output(f) -> None:
+    """One writer per output file: a second job on the same file would write ids twice."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError(f"{f.name} is being written by another running job; wait for it, "
+                           "or choose another job.output") from None
+
+
+def append_durably(f, lines: Iterable[Dict[str, Any]]) -> None:
+    """Append whole JSON lines in one write, then flush and fsync: on disk before the next block."""
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode("utf-8"))
+    f.flush()
+    os.fsync(f.fileno())

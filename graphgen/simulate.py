@@ -1,0 +1,62 @@
+"""`run=simulate`: compile the schedule and "run" it on the cost model, touching no weights."""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+from passes import run_pipeline
+
+from .build import build_graph
+from .config import Config
+from .costmodel import CostModel, Prediction, simulate
+from .models import build_spec, hf_config_from_arch
+
+
+def hardware_profile(cfg: Config) -> Dict[str, float]:
+    """The configured profile; `hardware=auto` (or an empty profile) measures this machine."""
+    hw = cfg.hardware
+    if hw.profile:
+        return dict(hw.profile)
+    from .hardware_profile import load_or_measure
+
+    return load_or_measure(hw.device, hw.offload_dir)
+
+
+def compile_for(cfg: Config):
+    spec = build_spec(hf_config_from_arch(cfg.model.arch), cfg.model.name)
+    p, w = cfg.policy, cfg.workload
+    g = build_graph(spec, batch=p.gpu_batch_size, num_batches=p.num_gpu_batches, prompt_len=w.prompt_len,
+                    gen_len=w.gen_len, dtype=cfg.model.dtype)
+    return run_pipeline(g, cfg)
+
+
+def predict(cfg: Config, graph=None) -> Prediction:
+    graph = graph if graph is not None else compile_for(cfg)
+    return simulate(graph, CostModel(hardware_profile(cfg), cfg.model.dtype, cfg.hardware.device))
+
+
+def format_prediction(cfg: Config, pr: Prediction) -> str:
+    p, w = cfg.policy, cfg.workload
+    n = w.num_prompts or p.gpu_batch_size * p.num_gpu_batches
+    blocks = math.ceil(n / (p.gpu_batch_size * p.num_gpu_batches))
+    gb = lambda x: f"{x / 1e9:.1f} GB"  # noqa: E731
+    lines = [
+        f"simulated {cfg.model.name} on hardware={cfg.hardware.name}, schedule {cfg.schedule.name}, "
+        f"policy percent={list(p.percent)} gbs={p.gpu_batch_size} x {p.num_gpu_batches} "
+        f"cpu_attention={p.cpu_attention}; {blocks} block(s) of prompt {w.prompt_len} -> gen {w.gen_len}",
+        f"predicted   prefill {pr.prompt_tokens / pr.prefill_s if pr.prefill_s else 0:.1f} tok/s   "
+        f"decode {(pr.tokens - pr.tokens // w.gen_len) / pr.decode_s if pr.decode_s else 0:.2f} tok/s   "
+        f"total {pr.total_tok_s:.3f} tok/s   (block: prefill {pr.prefill_s:.2f} s, decode {pr.decode_s:.2f} s)",
+        "busy        " + "   ".join(f"{s} {t:.2f} s" for s, t in pr.busy_s.items()),
+        f"bottleneck  {pr.bottleneck}; bound {pr.bound_tok_s:.3f} tok/s (busiest stream never waiting)",
+    ]
+    if pr.link_s:
+        lines.append("links       " + "   ".join(f"{k} {gb(pr.link_bytes[k])} in {v:.2f} s"
+                                                for k, v in sorted(pr.link_s.items()) if pr.link_bytes[k]))
+    return "\n".join(lines)
+
+
+def run_simulation(cfg: Config) -> Prediction:
+    pr = predict(cfg)
+    print(format_prediction(cfg, pr))
+    return pr
