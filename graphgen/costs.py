@@ -47,8 +47,7 @@ def act_bytes(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> int:
 
 
 def act_dim(spec: ModelSpec, kind: str) -> int:
-    f = getattr(spec, "act_dim", None)
-    return f(kind) if f else spec.hidden_size
+    return spec.act_dim(kind)
 
 
 def kv_cache_bytes(spec: ModelSpec, sh: Shape) -> int:
@@ -76,7 +75,7 @@ def flops(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> float:
 def workspace_bytes(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> int:
     """Transient memory of computing the square, in the compute dtype: attention's q/k/v, the
     padding/causal bias, scores and their softmax, the joined KV prefix in decode; the MLP's two
-    intermediates; the head's float32 logits."""
+    intermediates (three for gated MLPs); the head's float32 logits."""
     B, s, L, it = sh.batch, sh.new_tokens(i), sh.context(i), sh.itemsize
     if layer.kind == "attn":
         qkv_ctx = B * s * (2 * spec.hidden_size + 2 * spec.kv_dim) * it
@@ -84,7 +83,7 @@ def workspace_bytes(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> int
         cat = 2 * B * L * spec.kv_dim * it if i > 0 else 0  # decode: prefix + new slice joined
         return qkv_ctx + scores + cat
     if layer.kind == "mlp":
-        return 2 * B * s * spec.ffn_dim * it
+        return spec.mlp_buffers * B * s * spec.ffn_dim * it
     if layer.kind == "head":
         return B * spec.vocab_size * 4 * 2
     return B * s * spec.hidden_size * it

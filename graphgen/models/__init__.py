@@ -26,6 +26,10 @@ def spec_class(model_type: str) -> Type[ModelSpec]:
     return FAMILIES[model_type]
 
 
+# config.json keys that transformers v5 still accepts but no longer keeps as attributes
+LEGACY_KEYS = {"rope_theta", "rope_scaling", "rotary_pct", "rotary_emb_base"}
+
+
 def hf_config_from_arch(arch: Dict[str, Any]):
     """YAML architecture numbers (HF config.json field names) -> transformers config object."""
     from transformers import AutoConfig
@@ -37,7 +41,7 @@ def hf_config_from_arch(arch: Dict[str, Any]):
                          f"supported model types: {', '.join(sorted(FAMILIES))}")
     spec_class(model_type)
     defaults = AutoConfig.for_model(model_type)
-    unknown = [k for k in arch if not hasattr(defaults, k)]
+    unknown = [k for k in arch if not hasattr(defaults, k) and k not in LEGACY_KEYS]
     if unknown:
         raise ValueError(f"model.arch has keys unknown to {model_type}'s HF config: {unknown}")
     return AutoConfig.for_model(model_type, **arch)

@@ -137,6 +137,7 @@ class ModelSpec:
         return out.transpose(1, 2).reshape(b, s, nh * d)
 
     attn_scale = None  # None: 1/sqrt(head_dim) as SDPA does
+    mlp_buffers = 2  # [B, s, ffn] intermediates alive at once in mlp() (gated MLPs: 3)
 
 
 def causal_padding_bias(mask: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:

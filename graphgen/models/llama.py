@@ -28,6 +28,7 @@ def act_fn(name: str):
 
 class LlamaSpec(ModelSpec):
     family = "llama"
+    mlp_buffers = 3  # gate, up and their product
 
     def __init__(self, hf_config, name=""):
         c = hf_config
