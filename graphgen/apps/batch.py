@@ -66,11 +66,12 @@ def left_pad(rows: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def block_seed(seed: Optional[int], block: List[Request]) -> Optional[int]:
-    """A block's seed from the job seed and its first id: same block, same samples on a re-run."""
+def block_seed(seed: Optional[int], block: List[Request]) -> Optional[List[int]]:
+    """One seed per prompt from the job seed and its id: a prompt samples the same tokens
+    whichever block it lands in, so a resumed run equals an uninterrupted one."""
     if seed is None:
         return None
-    return (seed * 1_000_003 + zlib.crc32(id_key(block[0].id).encode())) & 0x7FFF_FFFF
+    return [(seed * 1_000_003 + zlib.crc32(id_key(r.id).encode())) & 0x7FFF_FFFF for r in block]
 
 
 def supports_logprobs(llm: Any) -> bool:
