@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Dict, Type
 
 from .base import BlockInputs, Executor  # noqa: F401
+from .async_streams import AsyncExecutor
 from .reference import ReferenceExecutor
 
-EXECUTORS: Dict[str, Type[Executor]] = {"reference": ReferenceExecutor}
+EXECUTORS: Dict[str, Type[Executor]] = {"reference": ReferenceExecutor, "async": AsyncExecutor}
 
 
 def make_executor(spec, weights, cfg) -> Executor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -21,9 +21,13 @@ from graphgen.config import Config, tier_budgets
 from graphgen.costs import dtype_of
 from graphgen.models.base import ModelSpec, positions_from_mask
 from graphgen.models.weights import WeightSource
-from graphgen.sampling import Sampling, select_tokens, step_generator
+from graphgen.sampling import Sampling, select_tokens, step_generator, token_logprobs
 
-from .tiers import DiskTier, Tier
+from . import compressed as cq
+from . import memory
+from .disk import CHUNK, DiskTier, Extent
+from .tiers import Tier
+from .quant import temp_nbytes
 from .trace import Trace
 
 
@@ -33,6 +37,8 @@ class BlockInputs:
     attention_mask: torch.Tensor  # [nb, B, S]
     sampling: Sampling = field(default_factory=Sampling)
     block: int = 0  # index of this block in the job (seeds sampling)
+    row_seeds: Optional[torch.Tensor] = None  # [nb, B]: one seed per sequence, independent of its block
+    return_logprobs: bool = False  # record log p(chosen token) per step
 
 
 @dataclass
@@ -40,6 +46,7 @@ class BlockState:
     inputs: BlockInputs
     mask: torch.Tensor  # [nb, B, S + gen] on the device: prompt mask, then ones
     tokens: List[List[torch.Tensor]]  # [k][i] -> [B] ids
+    logprobs: List[List[torch.Tensor]] = field(default_factory=list)  # [k][i] -> [B] float32
 
 
 class Executor:
@@ -52,26 +59,72 @@ class Executor:
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise ValueError("model.dtype=float16 on the CPU is hundreds of times slower than bfloat16: "
                              "use model.dtype=bfloat16 or float32")
-        b = tier_budgets(cfg.hardware)
+        self.rss_base = memory.rss()  # the process before any weights: what the plan does not count
+        b, ex = tier_budgets(cfg.hardware), cfg.executor
         self.tiers: Dict[str, Tier] = {"device": Tier("device", b["device"], self.device),
                                        "host": Tier("host", b["host"], torch.device("cpu")),
-                                       "disk": DiskTier(b["disk"], cfg.hardware.offload_dir)}
+                                       "disk": DiskTier(b["disk"], cfg.hardware.offload_dir, ex.io_threads,
+                                                        ex.direct_io)}
         self.w_homes: Optional[List[str]] = None
+        self.w_comps: Optional[List] = None  # per layer: the graph's w_compressed when placed
         self.trace = Trace() if cfg.executor.trace else None
+        self.keep_cache = False  # chat sessions keep the KV cache between blocks (turns)
+        self.on_compute: Optional[Callable] = None  # called with each square after it ran (progress bars)
         self.stats: Dict = {}
 
     # --- setup ------------------------------------------------------------------
     def place_weights(self, graph) -> None:
         """Read each layer's weights once (tensor by tensor) into its home tier."""
         homes = [graph.nodes[(0, j, 0)]["w_home"] for j in range(graph.graph["num_layers"])]
-        if homes == self.w_homes:
+        comps = [graph.nodes[(0, j, 0)].get("w_compressed") for j in range(graph.graph["num_layers"])]
+        if homes == self.w_homes and comps == self.w_comps:  # placed (and quantised) once per run
             return
         for j in range(len(self.w_homes or [])):
             self.tiers[self.w_homes[j]].pop(("w", j))
         for j, layer in enumerate(self.spec.layers):
             tier = self.tiers[homes[j]]
-            tier.put(("w", j), {w.name: self.source.get(w, self.dtype).to(tier.device) for w in layer.weights})
-        self.w_homes = homes
+            extents = self.in_place(layer) if homes[j] == "disk" and not comps[j] else None
+            if extents is not None:  # already on disk in the checkpoint: read from there, not copied
+                tier.put_external(("w", j), extents, self.dtype)
+            elif comps[j]:  # quantised once here; loads move the compressed bytes
+                tier.put(("w", j), {name: self.to_tier(t, tier) for name, t in cq.quantize_layer(
+                    layer, self.source, comps[j], self.dtype, self.device).items()})
+            else:
+                tier.put(("w", j), {w.name: self.to_tier(self.source.get(w, self.dtype), tier)
+                                    for w in layer.weights})
+        self.w_homes, self.w_comps = homes, comps
+
+    def to_tier(self, t: torch.Tensor, tier: Tier) -> torch.Tensor:
+        """A weight tensor moved to the tier's memory (host weights pinned on a GPU machine)."""
+        if tier.name == "host" and self.device.type == "cuda" and self.cfg.executor.pin_weight:
+            return t.pin_memory()
+        return t.to(tier.device)
+
+    def in_place(self, layer) -> Optional[List[Extent]]:
+        """Where a layer's weights lie raw in the checkpoint, if all do with the run's item size
+        (and they are not compressed): then the disk tier reads them there."""
+        if self.cfg.policy.compress_weight.bits:
+            return None
+        out = []
+        for w in layer.weights:
+            loc = self.source.locate(w)
+            if loc is None or loc[2].itemsize != self.dtype.itemsize or not loc[2].is_floating_point:
+                return None
+            out.append(Extent(w.name, loc[0], loc[1], loc[2], tuple(w.shape)))
+        return out
+
+    def check_disk(self, graph) -> None:
+        """Before anything is written: the offload dir must hold what the plan puts there."""
+        disk = self.tiers["disk"]
+        planned = graph.graph.get("peak_bytes", {}).get("disk", 0)
+        if planned == 0:
+            return
+        homes = [graph.nodes[(0, j, 0)]["w_home"] for j in range(graph.graph["num_layers"])]
+        in_place = 0
+        if homes != self.w_homes:  # weights about to be placed: those read in place need no space
+            in_place = sum(nbytes_of(layer, self.dtype) for layer, h in zip(self.spec.layers, homes)
+                           if h == "disk" and self.in_place(layer) is not None)
+        disk.check_space(planned - disk.used - in_place)
 
     def alloc_caches(self, graph) -> None:
         sh, spec = graph.graph["shape"], self.spec
@@ -79,24 +132,51 @@ class Executor:
         for k in range(graph.graph["num_batches"]):
             for layer in spec.layers:
                 if layer.kind == "attn":
-                    home = graph.nodes[(0, layer.index, k)]["kv_home"]
-                    self.tiers[home].alloc(("kv", layer.index, k), shape, self.dtype)
+                    a = graph.nodes[(0, layer.index, k)]
+                    key, comp, tier = ("kv", layer.index, k), a.get("kv_compressed"), self.tiers[a["kv_home"]]
+                    if cq.cache_key(key, comp) not in tier:  # a session's cache persists
+                        cq.alloc_cache(tier, key, shape, self.dtype, comp)
 
     def free_block(self, graph) -> None:
+        keep = ("w", "kv") if self.keep_cache else ("w",)
         for tier in self.tiers.values():
-            for key in [key for key in tier.values if key[0] != "w"]:
+            for key in [key for key in tier.values if key[0] not in keep]:
+                tier.pop(key)
+
+    def drop_cache(self) -> None:
+        """End a session: free the KV caches kept across blocks."""
+        for tier in self.tiers.values():
+            for key in [key for key in tier.values if key[0] == "kv"]:
                 tier.pop(key)
 
     # --- running ------------------------------------------------------------------
     def run_block(self, graph, inputs: BlockInputs) -> torch.Tensor:
         """Run one compiled block; returns new tokens [num_batches, B, gen_len]."""
+        self.check_disk(graph)
+        with memory.PeakMemory(self.device) as mem:
+            tokens = self._run_block(graph, inputs)
+        self.stats["measured"] = dict(mem.result(), rss_start=self.rss_base,
+                                      overhead=self.stated_overhead(graph))
+        return tokens
+
+    def stated_overhead(self, graph) -> int:
+        """What a run may use beyond its plan (see executors/memory.py): weight placement, I/O staging."""
+        biggest = max(w.numel for layer in self.spec.layers for w in layer.weights)
+        extra = biggest * (4 + self.dtype.itemsize)
+        if self.cfg.policy.compress_weight.bits or self.cfg.policy.compress_cache.bits:
+            extra += temp_nbytes(self.device.type)  # quantise / dequantise scratch, one block at a time
+        if graph.graph.get("peak_bytes", {}).get("disk", 0):
+            extra += self.cfg.executor.io_threads * CHUNK
+        return memory.stated_overhead(planned_ram(graph, self.device), extra)
+
+    def _run_block(self, graph, inputs: BlockInputs) -> torch.Tensor:
         self.place_weights(graph)
         for tier in self.tiers.values():
             tier.peak = tier.used
         nb, B, S = inputs.input_ids.shape
         gen = graph.graph["num_tokens"]
         mask = torch.cat([inputs.attention_mask, torch.ones(nb, B, gen, dtype=torch.long)], -1)
-        self.state = BlockState(inputs, mask.to(self.device), [[] for _ in range(nb)])
+        self.state = BlockState(inputs, mask.to(self.device), [[] for _ in range(nb)], [[] for _ in range(nb)])
         self.A = dict(graph.nodes(data=True))
         self.alloc_caches(graph)
         self.stats = {"time": defaultdict(float), "bytes": defaultdict(int)}
@@ -105,6 +185,8 @@ class Executor:
         finally:
             self.free_block(graph)
         self.stats["peak_bytes"] = {name: t.peak for name, t in self.tiers.items()}
+        lp = self.state.logprobs
+        self.logprobs = torch.stack([torch.stack(t, -1) for t in lp]) if inputs.return_logprobs else None
         return torch.stack([torch.stack(t, -1) for t in self.state.tokens])
 
     def run_ops(self, ops) -> None:
@@ -116,13 +198,19 @@ class Executor:
         op = b.get("op", "compute")
         t0 = time.perf_counter()
         getattr(self, op)(node, b)
-        t1 = time.perf_counter()
+        self.record(node, b, op, t0, time.perf_counter())
+
+    def record(self, node, b, op: str, t0: float, t1: float) -> None:
+        """Account a finished op: time to prefill or decode, bytes to its link, a trace event."""
         sq = self.A[b["square"]] if "square" in b else b
         self.stats["time"][sq["step_kind"]] += t1 - t0
         if op != "compute":
             self.stats["bytes"][f"{b['src']}->{b['dst']}"] += b["bytes"]
         if self.trace is not None:
-            self.trace.add(op, node, t0, t1, b.get("bytes", 0), self.tier_usage())
+            link = f"{b['src']}->{b['dst']}" if op != "compute" else ""
+            self.trace.add(op, node, t0, t1, b.get("bytes", 0), self.tier_usage(), link)
+        if op == "compute" and self.on_compute is not None:
+            self.on_compute(node)
 
     def tier_usage(self) -> Dict[str, int]:
         return {name: t.used for name, t in self.tiers.items()}
@@ -132,20 +220,29 @@ class Executor:
         src, dst = self.tiers[b["src"]], self.tiers[b["dst"]]
         kind = b["tensor"][0]
         if kind == "w":
-            value = {name: t.to(dst.device, non_blocking=True) for name, t in src.get(b["tensor"]).items()}
+            value = src.get_to(b["tensor"], dst.device)
+            comp = self.A[b["square"]].get("w_compressed")
+            if comp:  # one dequantised copy serves the whole run of squares reading w_buf
+                value = cq.dequantize_layer(self.spec.layers[b["tensor"][1]], value, comp, self.dtype)
         elif kind == "kv":
             sq = self.A[b["square"]]
-            value = src.read_prefix(b["tensor"], sq["ctx"] - sq["s"]).to(dst.device, non_blocking=True)
+            value = cq.read_prefix(src, b["tensor"], sq["ctx"] - sq["s"], sq.get("kv_compressed"))
+            value = cq.move(value, dst.device, non_blocking=True)
         else:  # an activation is consumed once: move it
             value = src.pop(b["tensor"]).to(dst.device, non_blocking=True)
         dst.put(b["buf"], value)
 
     def store(self, node, b) -> None:
-        src, dst = self.tiers[b["src"]], self.tiers[b["dst"]]
-        value = src.pop(b["buf"]).to(dst.device, non_blocking=True)
+        self.put_stored(b, self.tiers[b["src"]].pop(b["buf"]))
+
+    def put_stored(self, b, value) -> None:
+        """Second half of a store: the value taken from its source tier lands at its home."""
+        dst = self.tiers[b["dst"]]
+        # to the CPU: blocking, as the value is used (written to disk, read by CPU attention) next
+        value = cq.move(value, dst.device, non_blocking=dst.device.type != "cpu")
         if b["tensor"][0] == "kv":
             sq = self.A[b["square"]]
-            dst.write_slice(b["tensor"], sq["ctx"] - sq["s"], value)
+            cq.write_slice(dst, b["tensor"], sq["ctx"] - sq["s"], value)
         else:
             dst.put(b["tensor"], value)
 
@@ -179,24 +276,45 @@ class Executor:
         q, k_new, v_new = self.spec.attn_qkv(w, h, pos)  # q [B,nh,s,d], k/v [B,nkv,s,d]
         where = self.tiers[a["attn_device"]]
         new = torch.stack([k_new, v_new]).permute(0, 3, 1, 2, 4).to(where.device)  # [2, s, B, nkv, d]
-        if i == 0:
+        comp = a.get("kv_compressed")
+        if L == s:  # nothing cached before this step
             full = new
-        else:
-            prefix = where.get(a["kv_buf"]) if a["kv_buf"] else where.read_prefix(("kv", j, k), L - s)
-            full = torch.cat([prefix, new], 1)  # [2, L, B, nkv, d]
+        else:  # the stored prefix (dequantised when compressed) and the new slice, joined
+            prefix = where.get(a["kv_buf"]) if a["kv_buf"] else cq.read_prefix(where, ("kv", j, k), L - s, comp)
+            full = torch.empty((2, L) + new.shape[2:], dtype=new.dtype, device=new.device)  # [2, L, B, nkv, d]
+            cq.dense_into(full[:, :L - s], prefix, comp)
+            full[:, L - s:] = new
         kv = full.permute(0, 2, 3, 1, 4)  # [2, B, nkv, L, d]
         mask = self.state.mask[k][:, :L].to(where.device)
         ctx = self.spec.attn_core(q.to(where.device), kv[0], kv[1], mask)
-        where.put(("kvnew", j, k, i), new)
+        where.put(("kvnew", j, k, i), cq.compress_slice(new, comp))  # stored (and moved) compressed
         return self.spec.attn_out(w, ctx.to(self.device), h)
 
     def sample(self, n, logits: torch.Tensor) -> None:
         i, _, k = n
-        st = self.state
-        gen = step_generator(st.inputs.sampling.seed, st.inputs.block, k, i)
-        st.tokens[k].append(select_tokens(logits.cpu(), st.inputs.sampling, gen))
+        st, s = self.state, self.state.inputs.sampling
+        logits = logits.cpu()
+        if st.inputs.row_seeds is not None and s.do_sample:  # each row its own stream of randomness
+            seeds = st.inputs.row_seeds[k].tolist()
+            toks = torch.cat([select_tokens(logits[r:r + 1], s, step_generator(seed, 0, 0, i))
+                              for r, seed in enumerate(seeds)])
+        else:
+            toks = select_tokens(logits, s, step_generator(s.seed, st.inputs.block, k, i))
+        st.tokens[k].append(toks)
+        if st.inputs.return_logprobs:
+            st.logprobs[k].append(token_logprobs(logits, toks, s))
 
     def close(self) -> None:
         for t in self.tiers.values():
             t.close()
         self.source.close()
+
+
+def nbytes_of(layer, dtype: torch.dtype) -> int:
+    return layer.numel * dtype.itemsize
+
+
+def planned_ram(graph, device: torch.device) -> int:
+    """Planned peak of what lives in this process's RAM: host (+ device when it is the CPU)."""
+    peaks = graph.graph.get("peak_bytes", {})
+    return peaks.get("host", 0) + (peaks.get("device", 0) if device.type == "cpu" else 0)

@@ -17,6 +17,7 @@ class Event:
     end: float
     bytes: int
     tier_bytes: Dict[str, int]  # bytes in use per tier when the op ended
+    link: str = ""  # src->dst tier of a load / store ("" for compute)
 
 
 @dataclass
@@ -25,7 +26,8 @@ class Trace:
     events: List[Event] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, op: str, node, start: float, end: float, nbytes: int, tier_bytes: Dict[str, int]) -> None:
-        ev = Event(STREAM.get(op, op), str(node), start - self.t0, end - self.t0, nbytes, tier_bytes)
+    def add(self, op: str, node, start: float, end: float, nbytes: int, tier_bytes: Dict[str, int],
+            link: str = "") -> None:
+        ev = Event(STREAM.get(op, op), str(node), start - self.t0, end - self.t0, nbytes, tier_bytes, link)
         with self._lock:
             self.events.append(ev)

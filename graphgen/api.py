@@ -16,7 +16,12 @@ from .build import build_graph
 from .config import Config, compose
 from .models import build_spec, hf_config_from_arch, hf_config_from_dir
 from .models.weights import CheckpointWeights, DummyWeights, WeightSource, describe_missing, find_checkpoint
+from .progress import Progress
 from .sampling import Sampling
+from .timeline import trace_metrics
+
+
+GRAPH_CACHE = 4  # compiled graphs kept per LLM (one per prompt length / batch shape)
 
 
 class LLM:
@@ -45,18 +50,28 @@ class LLM:
         self.spec = build_spec(hf, m.name)
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.executor = None
-        self._graphs: Dict[Tuple[int, int, int, int], object] = {}
+        self._graphs: Dict[Tuple[int, ...], object] = {}
+        self.session = None  # the open ChatSession, which owns the executor's KV cache
         self.last_stats: Dict = {}
 
     # --- compile ------------------------------------------------------------------
-    def compile(self, prompt_len: int, gen_len: int, batch: int, num_batches: int):
+    def compile(self, prompt_len: int, gen_len: int, batch: int, num_batches: int, past_len: int = 0,
+                cache_len: int = 0):
         """Graph -> passes, cached per shape. Refuses plans over budget before running."""
-        key = (prompt_len, gen_len, batch, num_batches)
+        key = (prompt_len, gen_len, batch, num_batches, past_len, cache_len)
         if key not in self._graphs:
             g = build_graph(self.spec, batch=batch, num_batches=num_batches, prompt_len=prompt_len,
-                            gen_len=gen_len, dtype=self.cfg.model.dtype)
-            self._graphs = {key: run_pipeline(g, self.cfg)}  # keep one: graphs of big jobs are large
+                            gen_len=gen_len, dtype=self.cfg.model.dtype, past_len=past_len, cache_len=cache_len)
+            while len(self._graphs) >= GRAPH_CACHE:  # graphs of big jobs are large: keep a few
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = run_pipeline(g, self.cfg)
+        self._graphs[key] = self._graphs.pop(key)  # most recently used last
         return self._graphs[key]
+
+    @property
+    def graph(self):
+        """The last compiled graph (None before the first compile or generate)."""
+        return next(reversed(self._graphs.values()), None)
 
     def _executor(self):
         if self.executor is None:
@@ -66,17 +81,32 @@ class LLM:
     # --- generate -------------------------------------------------------------------
     def generate(self, inputs: Union[torch.Tensor, List[str]], attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: Optional[int] = None):
-        """input_ids [B, S] (left-padded) -> [B, S + max_new_tokens]; a list of strings -> completions."""
-        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+                 top_p: float = 1.0, seed: Union[int, Sequence[int], None] = None, return_logprobs: bool = False):
+        """input_ids [B, S] (left-padded) -> [B, S + max_new_tokens]; a list of strings -> completions.
+
+        seed: one int for the call, or one per prompt (a prompt's samples then do not depend on
+        which block it lands in). return_logprobs: also return log p(token) [B, max_new_tokens]
+        (0 after eos), from the distribution each token was drawn from.
+        """
         if isinstance(inputs, (list, tuple)):
-            return self._generate_text(list(inputs), max_new_tokens, sampling)
+            return self._generate_text(list(inputs), max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+        row_seeds = None
+        if seed is not None and not isinstance(seed, int):
+            row_seeds, seed = torch.as_tensor(list(seed), dtype=torch.long), None
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         ids = inputs.long().cpu()
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long().cpu()
-        new = self._generate_ids(ids, mask, max_new_tokens, sampling)
-        return torch.cat([ids, self._after_eos(new)], 1)
+        if row_seeds is not None and len(row_seeds) != len(ids):
+            raise ValueError(f"seed has {len(row_seeds)} values for {len(ids)} prompts: give one per prompt")
+        new, logprobs = self._generate_ids(ids, mask, max_new_tokens, sampling, row_seeds, return_logprobs)
+        out = torch.cat([ids, self._after_eos(new)], 1)
+        if return_logprobs:
+            return out, logprobs.masked_fill(self._after_eos_mask(new), 0.0)
+        return out
 
-    def _generate_ids(self, ids, mask, gen_len: int, sampling: Sampling) -> torch.Tensor:
+    def _generate_ids(self, ids, mask, gen_len: int, sampling: Sampling, row_seeds=None, logprobs=False):
+        if self.session is not None:
+            raise RuntimeError("a chat session is open on this LLM: close it before calling generate")
         B, S = ids.shape
         p = self.cfg.policy
         gbs = min(p.gpu_batch_size, B)
@@ -87,37 +117,65 @@ class LLM:
         pad = n_blocks * block - B  # the last block is filled with copies of the last prompt
         ids_p = torch.cat([ids, ids[-1:].expand(pad, S)]) if pad else ids
         mask_p = torch.cat([mask, mask[-1:].expand(pad, S)]) if pad else mask
+        seeds_p = torch.cat([row_seeds, row_seeds[-1:].expand(pad)]) if row_seeds is not None and pad else row_seeds
         ex = self._executor()
-        outs, stats = [], []
+        outs, lps, stats = [], [], []
+        n_ev = len(ex.trace.events) if ex.trace is not None else 0
+        squares = graph.graph["num_layers"] * gen_len * nb
+        bar = Progress(n_blocks, block * gen_len, squares, self.cfg.report.progress)
+        ex.on_compute = bar
         t0 = time.perf_counter()
-        for b in range(n_blocks):
-            sl = slice(b * block, (b + 1) * block)
-            inp = BlockInputs(ids_p[sl].reshape(nb, gbs, S), mask_p[sl].reshape(nb, gbs, S), sampling, b)
-            outs.append(ex.run_block(graph, inp).reshape(block, gen_len))
-            stats.append(ex.stats)
+        try:
+            for b in range(n_blocks):
+                bar.start_block(b)
+                sl = slice(b * block, (b + 1) * block)
+                rs = seeds_p[sl].reshape(nb, gbs) if seeds_p is not None else None
+                inp = BlockInputs(ids_p[sl].reshape(nb, gbs, S), mask_p[sl].reshape(nb, gbs, S), sampling, b,
+                                  rs, logprobs)
+                outs.append(ex.run_block(graph, inp).reshape(block, gen_len))
+                if logprobs:
+                    lps.append(ex.logprobs.reshape(block, gen_len))
+                stats.append(ex.stats)
+        finally:
+            ex.on_compute = None
+            bar.close()
         self.last_stats = summarize(graph, stats, B, S, gen_len, time.perf_counter() - t0, self)
-        return torch.cat(outs)[:B]
+        if ex.trace is not None:  # this call's events: overlap, per-link busy time and GB/s
+            self.last_stats.update(trace_metrics(ex.trace.events[n_ev:], graph))
+        return torch.cat(outs)[:B], (torch.cat(lps)[:B] if logprobs else None)
+
+    def _after_eos_mask(self, new: torch.Tensor) -> torch.Tensor:
+        """True strictly after each row's first eos."""
+        eos = self.spec.eos_token_id
+        if eos is None:
+            return torch.zeros_like(new, dtype=torch.bool)
+        hit = (new == eos).long()
+        return hit.cumsum(1) - hit > 0
 
     def _after_eos(self, new: torch.Tensor) -> torch.Tensor:
         """HF semantics: after a sequence's eos, every further token is the pad id."""
         eos = self.spec.eos_token_id
-        if eos is None:
-            return new
         pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else eos
-        done = (new == eos).long().cumsum(1) - (new == eos).long() > 0  # strictly after the first eos
-        return new.masked_fill(done, pad)
+        return new.masked_fill(self._after_eos_mask(new), pad) if eos is not None else new
 
-    def _generate_text(self, prompts: List[str], max_new_tokens: int, sampling: Sampling) -> List[str]:
+    def _generate_text(self, prompts: List[str], max_new_tokens: int, *sampling) -> List[str]:
         if self.tokenizer is None:
             raise ValueError("generate(list of strings) needs a tokenizer: this model has no checkpoint "
                              "tokenizer (dummy weights?); pass token ids instead")
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        out = self.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, sampling.do_sample,
-                            sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
+        out = self.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, *sampling)
         new = out[:, enc["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
+    def chat(self, max_context: Optional[int] = None):
+        """A conversation that keeps its KV cache between turns (see graphgen.session)."""
+        from .session import ChatSession
+
+        return ChatSession(self, max_context)
+
     def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
         if self.executor is not None:
             self.executor.close()
             self.executor = None
@@ -180,4 +238,16 @@ def summarize(graph, block_stats: List[Dict], n_seqs: int, S: int, gen: int, wal
         "total_tok_s": n_seqs * gen / (prefill + decode) if prefill + decode else 0.0,
         "planned_peak_bytes": dict(graph.graph["peak_bytes"]), "measured_peak_bytes": measured,
         "budget_bytes": dict(graph.graph["budgets"]), "bytes_moved": moved,
+        "compression": graph.graph.get("compression", {}),
+        **measured_memory(block_stats, llm.cfg.hardware.device),
     }
+
+
+def measured_memory(block_stats: List[Dict], device: str) -> Dict:
+    """Process RSS / CUDA allocator peaks over the blocks, with what the plan does not count."""
+    ms = [s["measured"] for s in block_stats if "measured" in s]
+    if not ms:
+        return {}
+    return {"device_type": device.split(":")[0], "rss_start_bytes": ms[0]["rss_start"],
+            "rss_peak_bytes": max(m["rss_peak"] for m in ms), "cuda_peak_bytes": max(m["cuda_peak"] for m in ms),
+            "overhead_bytes": max(m["overhead"] for m in ms)}

@@ -41,15 +41,19 @@ def layer_attrs(spec: ModelSpec, sh: Shape, i: int) -> list:
 
 
 def build_graph(spec: ModelSpec, *, batch: int, num_batches: int, prompt_len: int,
-                gen_len: int, dtype: str = "float32") -> nx.DiGraph:
-    """All squares of one block (num_batches GPU batches of `batch` sequences) and their deps."""
+                gen_len: int, dtype: str = "float32", past_len: int = 0, cache_len: int = 0) -> nx.DiGraph:
+    """All squares of one block (num_batches GPU batches of `batch` sequences) and their deps.
+    past_len > 0: a chat turn whose first past_len tokens are already in a cache of cache_len."""
     if gen_len < 1 or prompt_len < 1:
         raise ValueError(f"workload needs prompt_len >= 1 and gen_len >= 1 (got {prompt_len}, {gen_len})")
-    if prompt_len + gen_len > spec.max_positions:
-        raise ValueError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds the model's "
+    total = past_len + prompt_len + gen_len
+    if total > spec.max_positions:
+        raise ValueError(f"prompt_len + gen_len = {total} exceeds the model's "
                          f"{spec.max_positions} positions: lower workload.prompt_len or workload.gen_len")
+    if cache_len and total > cache_len:
+        raise ValueError(f"{total} tokens do not fit the session's KV cache of {cache_len}")
     itemsize = costs.dtype_of(dtype).itemsize
-    sh = Shape(batch, prompt_len, gen_len, itemsize)
+    sh = Shape(batch, prompt_len, gen_len, itemsize, past_len, cache_len)
     n_layers = len(spec.layers)
     attn = [j for j, layer in enumerate(spec.layers) if layer.kind == "attn"]
     g = nx.DiGraph(spec=spec, shape=sh, num_tokens=gen_len, num_layers=n_layers,

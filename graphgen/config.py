@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .apps.job_config import JobConfig
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 TIERS = ("device", "host", "disk")
@@ -33,9 +35,9 @@ class ScheduleConfig:
 
 @dataclass
 class CompressionConfig:
-    bits: Optional[int] = None  # 4 or 8; None = off
-    group_size: int = 64
-    group_dim: int = -1
+    bits: Optional[int] = None  # 4 or 8; None = off (passes/compress.py)
+    group_size: int = 64  # values per group, each with its own min and scale
+    group_dim: int = -1  # weights: -1 along rows, 0 along columns; cache [2, seq, B, nkv, d]: -1 = head_dim
 
 
 @dataclass
@@ -76,9 +78,30 @@ class WorkloadConfig:
 
 @dataclass
 class ExecutorConfig:
-    name: str = "reference"
+    name: str = "reference"  # reference: one op at a time | async: load / compute / store streams
     prefetch: int = 1  # how many squares ahead loads are issued
     trace: bool = False
+    io_threads: int = 4  # disk tier: requests in flight (each an 8 MiB chunk)
+    direct_io: bool = True  # disk tier: O_DIRECT, so the page cache cannot make "disk" fast
+    pin_weight: bool = True  # CUDA: host-tier weights in pinned memory (async host -> GPU copies)
+    staging_buffers: int = 2  # CUDA: pinned buffers for disk -> GPU copies (reused; bounded memory)
+    staging_bytes: str = "64MiB"  # CUDA: size of each staging buffer
+
+
+@dataclass
+class VizConfig:
+    schedule: bool = False  # picture of the (token, layer, batch) grid by execution step
+    timeline: bool = False  # Gantt of the streams + memory per tier, and trace.json (turns on executor.trace)
+    graph: bool = False  # the compiled graph as GraphML and DOT
+    formats: List[str] = field(default_factory=lambda: ["png", "svg"])
+    out_dir: Optional[str] = None  # None: Hydra's run directory (the current directory outside Hydra)
+    dry_run: bool = False  # compile and draw the plan only; run nothing
+
+
+@dataclass
+class ReportConfig:
+    json: bool = False  # print the report as JSON on stdout (text report to stderr) and write report.json
+    progress: bool = True  # progress bar while generating (shown only on a terminal)
 
 
 @dataclass
@@ -89,10 +112,14 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    viz: VizConfig = field(default_factory=VizConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     # compiler pipeline: pass names registered in passes/
     pipeline: List[str] = field(default_factory=lambda: [
-        "order", "place_tensors", "delegate_cpu_attention", "insert_io", "plan_memory"])
+        "order", "place_tensors", "compress", "delegate_cpu_attention", "insert_io", "plan_memory"])
     seed: int = 0
+    run: str = "generate"  # generate: run the model | simulate: predict on the cost model, no weights
 
 
 def register_configs() -> None:

@@ -1,20 +1,29 @@
 """Cost model: predict a compiled graph's prefill, decode and total time on a hardware profile.
 
 Each op gets a duration from the profile (keys in graphgen.hardware_profile.PROFILE_KEYS):
-compute = matmul FLOPs / FLOP/s + attention (prefill: FLOPs / bmm FLOP/s; decode: cache bytes /
-attention bandwidth where it runs); a load or store = bytes / the bandwidth of its link (free
-between device and host when they are the same memory, as on a CPU-only machine).
-Overlap follows the async executor: three streams (load, compute, store) run ops in schedule
-order; a load issued at slot t starts once compute t-1 is done and its producers have finished,
-compute waits for its loads, a store for its compute.
+- compute: matmul FLOPs / FLOP/s (decode: no faster than streaming the layer's weights at
+  device_mm_bw when the profile has it); attention in prefill as FLOPs / bmm FLOP/s, in decode as
+  cache bytes / the attention bandwidth where it runs (device, or host for delegated attention,
+  with FlexGen's small-batch correction when the profile has c1..c3); a compressed cache is
+  dequantised at dequant_bw; plus compute_overhead_s per square (kernel launches, dispatch);
+- a load or store: bytes / the bandwidth of each link it crosses (disk then PCIe; free between
+  device and host when they are the same memory, as on a CPU-only machine) + disk_latency_s per
+  disk request; compressed weights are dequantised on the device by the load.
+Overlap is the async executor's (executors/async_streams.py), from its own dependency plan:
+three streams run their ops in schedule order; an op starts when its producers have finished;
+a load also waits for the compute of the slot before its own, a compute for the stores STORE_LAG
+slots back, a store for the loads issued up to its slot. With executor=reference every op runs
+alone, one after the other. Wall time is split into prefill and decode as the executors split it.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 STREAMS = ("load", "compute", "store")
+_RANK = {"device": 0, "host": 1, "disk": 2}
 
 
 @dataclass
@@ -26,6 +35,8 @@ class Prediction:
     busy_s: Dict[str, float]  # per stream
     link_s: Dict[str, float]  # per link (src->dst), seconds of transfer
     link_bytes: Dict[str, int] = field(default_factory=dict)
+    compute_parts: Dict[str, float] = field(default_factory=dict)  # matmul / attention / overhead seconds
+    overlap: bool = True  # async streams (False: the reference executor, one op at a time)
 
     @property
     def total_s(self) -> float:
@@ -38,14 +49,17 @@ class Prediction:
     @property
     def bound_tok_s(self) -> float:
         """Throughput if the busiest stream never waited: the I/O-or-compute bound."""
-        return self.tokens / max(self.busy_s.values()) if max(self.busy_s.values()) else 0.0
+        busiest = max(self.busy_s.values())
+        return self.tokens / busiest if busiest else 0.0
 
     @property
     def bottleneck(self) -> str:
+        """The busiest stream, and within it the busiest link or compute part."""
         stream = max(self.busy_s, key=self.busy_s.get)
-        if stream == "compute" or not self.link_s:
-            return stream
-        links = {k: v for k, v in self.link_s.items() if _stream_of_link(k) == stream}
+        if stream == "compute":
+            parts = {k: v for k, v in self.compute_parts.items() if v}
+            return f"compute ({max(parts, key=parts.get)})" if parts else "compute"
+        links = {k: v for k, v in self.link_s.items() if _stream_of_link(k) == stream and v}
         return f"{stream} ({max(links, key=links.get)})" if links else stream
 
 
@@ -54,18 +68,15 @@ def _stream_of_link(link: str) -> str:
     return "store" if _RANK[dst] > _RANK[src] else "load"
 
 
-_RANK = {"device": 0, "host": 1, "disk": 2}
-
-
 class CostModel:
     """Durations of ops from a profile dict; `dtype` names the compute dtype's FLOP/s keys."""
 
     def __init__(self, profile: Mapping[str, float], dtype: str, device: str = "cpu"):
         self.p, self.dtype = dict(profile), dtype
-        self.same_memory = bool(self.p.get("device_is_host", 1.0 if device == "cpu" else 0.0))
         if not self.p:
             raise ValueError("hardware.profile is empty: use hardware=auto (measures this machine) "
                              "or a shipped profile such as hardware=t4-flexgen")
+        self.same_memory = bool(self.p.get("device_is_host", 1.0 if device == "cpu" else 0.0))
 
     def rate(self, key: str, *fallbacks: str) -> float:
         for k in (key,) + fallbacks:
@@ -74,27 +85,76 @@ class CostModel:
         raise ValueError(f"hardware.profile has no {key!r} (nor {', '.join(fallbacks) or 'a fallback'}); "
                          f"re-measure with hardware=auto")
 
-    def compute_s(self, a: dict, attn_flops: float) -> float:
-        dt = self.dtype
+    def opt(self, key: str, default: float = 0.0) -> float:
+        """An optional refinement: its value, or `default` where the profile does not have it."""
+        return float(self.p.get(key) or default)
+
+    # --- compute ------------------------------------------------------------------------------
+    def compute_parts(self, a: dict, attn_flops: float, kv_dense: int = 0, batch: int = 64,
+                      hidden: int = 4096) -> Dict[str, float]:
+        """Seconds of one square by part: matmul, attention (where it runs), dequant, overhead.
+        kv_dense: dense bytes of the cache positions decode attention reads (prefix + new slice)."""
+        dt, mm = self.dtype, a["flops"] - attn_flops
+        out = {"overhead": self.opt("compute_overhead_s")}
         if a["step_kind"] == "prefill":
-            mm = self.rate(f"device_flops_{dt}")
-            t = (a["flops"] - attn_flops) / mm
-            return t + attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}")
-        mm = self.rate(f"device_flops_decode_{dt}", f"device_flops_{dt}")
-        t = (a["flops"] - attn_flops) / mm
+            out["matmul"] = mm / self.rate(f"device_flops_{dt}")
+            if attn_flops:
+                out["attention"] = attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}")
+            return out
+        out["matmul"] = self.decode_matmul_s(mm, a)
         if a["kind"] == "attn":
-            bw = self.rate("cpu_attn_bw") if a.get("attn_device") == "host" else self.rate("device_attn_bw")
-            t += (a["kv_read"] + a["kv_write"]) / bw
+            where = "host" if a.get("attn_device") == "host" else "device"
+            dense = kv_dense or a["kv_read"] + a["kv_write"]
+            out[f"attention ({where})"] = dense / self.attention_bw(where, batch, hidden)
+            if a.get("kv_compressed") and self.p.get("dequant_bw"):
+                out["dequant"] = dense / self.p["dequant_bw"]
+        return out
+
+    def compute_s(self, a: dict, attn_flops: float, kv_dense: int = 0, batch: int = 64,
+                  hidden: int = 4096) -> float:
+        return sum(self.compute_parts(a, attn_flops, kv_dense, batch, hidden).values())
+
+    def decode_matmul_s(self, flops: float, a: dict) -> float:
+        """One token per sequence: FLOP/s of the decode shape, and never faster than reading the
+        weights once (device_mm_bw_<dtype>: the rate a skinny matmul streams weights at)."""
+        t = flops / self.rate(f"device_flops_decode_{self.dtype}", f"device_flops_{self.dtype}")
+        bw = self.p.get(f"device_mm_bw_{self.dtype}")
+        if bw and flops:
+            t = max(t, a.get("w_work_bytes", a["w_bytes"]) / bw)
         return t
 
+    def attention_bw(self, where: str, batch: int = 64, hidden: int = 4096) -> float:
+        """Decode attention in cache bytes/s; on the host with FlexGen's fitted factor for small
+        GPU batches and hidden sizes (cpu_attn_c1..c3, when the profile has them)."""
+        if where != "host":
+            return self.rate("device_attn_bw")
+        bw = self.rate("cpu_attn_bw")
+        c = [self.p.get(f"cpu_attn_c{i}") for i in (1, 2, 3)]
+        if None in c:
+            return bw
+        x, y = max(0.0, math.log2(64 / batch)), max(0.0, math.log2(4096 / hidden))
+        return bw * max(0.1, 1 + c[0] * x * y - c[1] * x - c[2] * y)
+
+    # --- transfers ----------------------------------------------------------------------------
     def link_s(self, src: str, dst: str, nbytes: int, cache: bool = False) -> float:
+        """Seconds to move nbytes from tier src to tier dst (disk goes through the host)."""
+        if not nbytes or src == dst:
+            return 0.0
         t = 0.0
         if "disk" in (src, dst):
-            t += nbytes / self.rate("disk_read_bw" if src == "disk" else
-                                    ("disk_write_cache_bw" if cache else "disk_write_bw"), "disk_write_bw")
-        if "device" in (src, dst) and src != dst and not self.same_memory:  # PCIe (disk goes via host)
+            key = "disk_read_bw" if src == "disk" else ("disk_write_cache_bw" if cache else "disk_write_bw")
+            t += nbytes / self.rate(key, "disk_write_bw") + self.opt("disk_latency_s")
+        if "device" in (src, dst) and not self.same_memory:  # PCIe
             t += nbytes / (self.rate("h2d_bw") if dst == "device" else
                            self.rate("d2h_cache_bw", "d2h_bw") if cache else self.rate("d2h_bw"))
+        return t
+
+    def io_s(self, b: dict) -> float:
+        """A load or store op: its link, plus dequantising compressed weights into the working copy."""
+        t = self.link_s(b["src"], b["dst"], b["bytes"], cache=b["tensor"][0] == "kv")
+        held = b.get("held", b["bytes"])
+        if held != b["bytes"] and self.p.get("dequant_bw"):
+            t += held / self.p["dequant_bw"]
         return t
 
 
@@ -105,50 +165,84 @@ def attention_flops(graph, a: dict) -> float:
     return 4.0 * sh.batch * spec.num_heads * a["s"] * a["ctx"] * spec.head_dim
 
 
-def simulate(graph, model: CostModel) -> Prediction:
-    """List-schedule the ops on three streams; slot durations split prefill from decode."""
+def square_parts(graph, model: CostModel, a: dict) -> Dict[str, float]:
+    """The compute parts of one square, with what the model needs from the graph."""
+    from .costs import kv_slice_bytes
+
+    spec, sh = graph.graph["spec"], graph.graph["shape"]
+    dense = kv_slice_bytes(spec, sh, a["ctx"]) if a["kind"] == "attn" else 0
+    return model.compute_parts(a, attention_flops(graph, a), dense, sh.batch, spec.hidden_size)
+
+
+class _Costs:
+    """Per-op stream and seconds, and the totals a prediction reports."""
+
+    def __init__(self, graph, A, model: CostModel):
+        self.stream: Dict = {}
+        self.dur: Dict = {}
+        self.parts: Dict[str, float] = defaultdict(float)
+        self.link_t: Dict[str, float] = defaultdict(float)
+        self.link_b: Dict[str, int] = defaultdict(int)
+        memo: Dict[Tuple, Dict[str, float]] = {}  # squares of one (step, layer) cost the same
+        for m in graph.graph["ops"]:
+            b = A[m]
+            op = b.get("op", "compute")
+            if op == "compute":
+                key = (m[0], m[1], b.get("attn_device"), b["flops"], b["w_bytes"])
+                if key not in memo:
+                    memo[key] = square_parts(graph, model, b)
+                for part, t in memo[key].items():
+                    self.parts[part] += t
+                self.stream[m], self.dur[m] = "compute", sum(memo[key].values())
+            else:
+                link = f"{b['src']}->{b['dst']}"
+                self.stream[m], self.dur[m] = op, model.io_s(b)
+                self.link_t[link] += self.dur[m]
+                self.link_b[link] += b["bytes"]
+
+    def busy(self) -> Dict[str, float]:
+        out = dict.fromkeys(STREAMS, 0.0)
+        for m, t in self.dur.items():
+            out[self.stream[m]] += t
+        return out
+
+
+def overlapped_ends(graph, ops: List, c: _Costs) -> Dict:
+    """End time of every op under the async executor's rules (its own dependency plan)."""
+    from executors.async_streams import plan_streams
+
+    waits = plan_streams(graph, ops).waits
+    ends: Dict[str, List[float]] = {s: [] for s in STREAMS}
+    end = {}
+    for m in ops:
+        mine = ends[c.stream[m]]
+        start = mine[-1] if mine else 0.0
+        for s, need in zip(STREAMS, waits[m]):
+            if need:
+                start = max(start, ends[s][need - 1])
+        mine.append(start + c.dur[m])
+        end[m] = mine[-1]
+    return end
+
+
+def simulate(graph, model: CostModel, overlap: bool = True) -> Prediction:
+    """'Run' the compiled schedule on the cost model; overlap=False: the reference executor."""
     A = dict(graph.nodes(data=True))
-    end: Dict[Tuple, float] = {}
-    free = {s: 0.0 for s in STREAMS}
-    compute_end_by_slot: Dict[int, float] = {}
-    busy: Dict[str, float] = defaultdict(float)
-    link_t: Dict[str, float] = defaultdict(float)
-    link_b: Dict[str, int] = defaultdict(int)
-    preds = graph.pred
-    for m in graph.graph["ops"]:
-        b = A[m]
-        op = b.get("op", "compute")
-        ready = max((end[u] for u in preds[m] if u in end), default=0.0)
-        if op == "compute":
-            dur, stream = model.compute_s(b, attention_flops(graph, b)), "compute"
-        else:
-            link = f"{b['src']}->{b['dst']}"
-            dur = model.link_s(b["src"], b["dst"], b["bytes"], cache=b["tensor"][0] == "kv")
-            stream = op
-            link_t[link] += dur
-            link_b[link] += b["bytes"]
-            if op == "load":
-                ready = max(ready, compute_end_by_slot.get(b["slot"] - 1, 0.0))
-        start = max(free[stream], ready)
-        end[m] = free[stream] = start + dur
-        busy[stream] += dur
-        if op == "compute":
-            compute_end_by_slot[b["slot"]] = end[m]
-    return _phases(graph, A, end, compute_end_by_slot, busy, link_t, link_b)
-
-
-def _phases(graph, A, end, compute_end_by_slot, busy, link_t, link_b) -> Prediction:
-    """Attribute each slot's wall time (compute t-1 end .. compute t end) to its square's phase."""
-    total = max(end.values()) if end else 0.0
-    phase = {A[m]["slot"]: A[m]["step_kind"] for m in graph.graph["ops"] if "kind" in A[m]}
+    ops = graph.graph["ops"]
+    c = _Costs(graph, A, model)
     spent = {"prefill": 0.0, "decode": 0.0}
-    prev = 0.0
-    slots = sorted(compute_end_by_slot)
-    for t in slots:
-        spent[phase[t]] += compute_end_by_slot[t] - prev
-        prev = compute_end_by_slot[t]
-    if slots:
-        spent[phase[slots[-1]]] += total - prev  # trailing stores
+    if overlap:  # as the async executor: wall time up to each compute end goes to its step kind
+        end, prev, kind = overlapped_ends(graph, ops, c), 0.0, "prefill"
+        for m in ops:
+            if c.stream[m] == "compute":
+                kind = A[m]["step_kind"]
+                spent[kind] += end[m] - prev
+                prev = end[m]
+        spent[kind] += max(end.values(), default=0.0) - prev  # the last stores
+    else:  # as the reference executor: each op's own time goes to its square's step kind
+        for m in ops:
+            spent[A[A[m].get("square", m)]["step_kind"]] += c.dur[m]
     sh, nb = graph.graph["shape"], graph.graph["num_batches"]
-    return Prediction(spent["prefill"], spent["decode"], sh.batch * nb * sh.gen_len, sh.batch * nb * sh.prompt_len,
-                      {s: busy.get(s, 0.0) for s in STREAMS}, dict(link_t), dict(link_b))
+    return Prediction(spent["prefill"], spent["decode"], sh.batch * nb * sh.gen_len,
+                      sh.batch * nb * sh.prompt_len, c.busy(), dict(c.link_t), dict(c.link_b),
+                      dict(c.parts), overlap)

@@ -1,13 +1,15 @@
 """The main job: compile, generate over the workload's prompts, print the report."""
 from __future__ import annotations
 
+import sys
 from typing import Dict, Tuple
 
 import torch
 
 from .api import LLM
 from .config import Config
-from .report import format_report
+from . import viz
+from .report import add_prediction, emit
 
 
 def workload_prompts(cfg: Config, llm: LLM) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -29,12 +31,32 @@ def workload_prompts(cfg: Config, llm: LLM) -> Tuple[torch.Tensor, torch.Tensor]
 
 
 def run(cfg: Config) -> Dict:
+    if cfg.run == "simulate":
+        from .simulate import run_simulation
+
+        return run_simulation(cfg)
+    if cfg.run != "generate":
+        raise ValueError(f"run={cfg.run!r}: use run=generate (default) or run=simulate")
+    if cfg.job.name == "batch":
+        from .apps.batch import main as batch_main
+
+        with LLM(config=cfg) as llm:
+            return batch_main(cfg.job, llm, cfg.workload, cfg.seed)
+    if cfg.viz.timeline:
+        cfg.executor.trace = True  # the timeline is drawn from the run's trace
+    if cfg.viz.dry_run:
+        return viz.plan_only(cfg)
     with LLM(config=cfg) as llm:
         ids, mask = workload_prompts(cfg, llm)
         w = cfg.workload
         out = llm.generate(ids, mask, max_new_tokens=w.gen_len, do_sample=w.do_sample,
                            temperature=w.temperature, top_k=w.top_k, top_p=w.top_p, seed=cfg.seed)
-        print(format_report(llm.last_stats))
+        st, out_dir = llm.last_stats, viz.output_dir(cfg)
+        add_prediction(st, cfg, llm.graph)
+        if viz.wanted(cfg):
+            st["files"] = [str(f) for f in viz.write_visuals(cfg, llm.graph, llm.executor.trace, out_dir)]
+        emit(st, cfg, out_dir)
         if llm.tokenizer is not None:
-            print("sample:", repr(llm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
-        return llm.last_stats
+            print("sample:", repr(llm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)),
+                  file=sys.stderr if cfg.report.json else sys.stdout)
+        return st

@@ -32,7 +32,8 @@ def compile_for(cfg: Config):
 
 def predict(cfg: Config, graph=None) -> Prediction:
     graph = graph if graph is not None else compile_for(cfg)
-    return simulate(graph, CostModel(hardware_profile(cfg), cfg.model.dtype, cfg.hardware.device))
+    model = CostModel(hardware_profile(cfg), cfg.model.dtype, cfg.hardware.device)
+    return simulate(graph, model, overlap=cfg.executor.name != "reference")
 
 
 def format_prediction(cfg: Config, pr: Prediction) -> str:
@@ -47,7 +48,9 @@ def format_prediction(cfg: Config, pr: Prediction) -> str:
         f"predicted   prefill {pr.prompt_tokens / pr.prefill_s if pr.prefill_s else 0:.1f} tok/s   "
         f"decode {(pr.tokens - pr.tokens // w.gen_len) / pr.decode_s if pr.decode_s else 0:.2f} tok/s   "
         f"total {pr.total_tok_s:.3f} tok/s   (block: prefill {pr.prefill_s:.2f} s, decode {pr.decode_s:.2f} s)",
-        "busy        " + "   ".join(f"{s} {t:.2f} s" for s, t in pr.busy_s.items()),
+        "busy        " + "   ".join(f"{s} {t:.2f} s" for s, t in pr.busy_s.items())
+        + ("" if pr.overlap else "   (executor=reference: no overlap)"),
+        "compute     " + "   ".join(f"{k} {v:.2f} s" for k, v in sorted(pr.compute_parts.items()) if v),
         f"bottleneck  {pr.bottleneck}; bound {pr.bound_tok_s:.3f} tok/s (busiest stream never waiting)",
     ]
     if pr.link_s:

@@ -3,14 +3,15 @@
 requires: order, w_home, kv_home, act_home, attn_device
 provides: on squares: slot (= order), w_buf, kv_buf, act_in (working-copy keys, None = use home),
           frees: [(buf, tier, kind, bytes)] working copies dropped after the square (last use);
-          I/O nodes with op (load | store), tensor, buf, src, dst, bytes, slot, phase, square;
+          I/O nodes with op (load | store), tensor, buf, src, dst, bytes (over the link), slot, phase,
+          square; weight loads also held (bytes kept at dst: the dequantised copy when compressed);
           graph.graph["ops"]: every node in execution order (the flat schedule executors run).
 Within a slot t: loads issued at t (for squares t..t+prefetch), compute t, stores of t, then t's frees.
 A load never goes earlier than the slot after its producer stored the data.
 """
 from __future__ import annotations
 
-from . import register
+from . import PassError, register
 
 LOAD, COMPUTE, STORE = 0, 1, 2
 
@@ -33,6 +34,10 @@ class _Batch:
 @register("insert_io", requires=("order", "w_home", "kv_home", "act_home", "attn_device"),
           provides=("slot", "w_buf", "kv_buf", "act_in"))
 def insert_io(graph, cfg):
+    p = cfg.policy
+    if (p.compress_weight.bits or p.compress_cache.bits) and "compression" not in graph.graph:
+        raise PassError("policy.compress_weight / policy.compress_cache set bits, but the pipeline has no "
+                        "'compress' pass: add it to pipeline right after place_tensors")
     prefetch = max(0, int(cfg.executor.prefetch))
     A = dict(graph.nodes(data=True))  # plain dict access: views are slow at 100k+ nodes
     seq = sorted((n for n in A if "kind" in A[n]), key=lambda n: A[n]["order"])
@@ -66,17 +71,21 @@ def _sort_key(A, m):
 def _weights(io, run_start, last, n, a, prefetch):
     """One load per run of consecutive squares of the same layer (zig-zag reuses it across batches)."""
     j = n[1]
-    if a["w_home"] == "device":
+    if a["w_home"] == "device" and not a.get("w_compressed"):
         a["w_buf"] = None
         return
+    # compressed weights (passes/compress.py): the load moves the compressed bytes (none when they
+    # live on the device) and dequantises them into w_buf, which holds w_work_bytes for the run
+    held = a.get("w_work_bytes", a["w_bytes"])
     a["w_buf"] = ("w", j, run_start)
     if run_start == a["order"]:
+        moved = a["w_bytes"] if a["w_home"] != "device" else 0
         io.io(("load",) + a["w_buf"], n, op="load", tensor=("w", j), buf=a["w_buf"], src=a["w_home"],
-            dst="device", bytes=a["w_bytes"], slot=max(0, a["order"] - prefetch), phase=LOAD)
+            dst="device", bytes=moved, held=held, slot=max(0, a["order"] - prefetch), phase=LOAD)
     else:
         io.edge(("load",) + a["w_buf"], n)
     if last:
-        a["frees"].append((a["w_buf"], "device", "w", a["w_bytes"]))
+        a["frees"].append((a["w_buf"], "device", "w", held))
 
 
 def _activation_in(io, A, n, a, prefetch):
@@ -97,18 +106,20 @@ def _activation_in(io, A, n, a, prefetch):
 
 
 def _kv(io, A, n, a, prefetch):
-    """Decode attention reads the cache prefix; every attention square stores its new slice."""
+    """Attention reads the cached prefix (decode, or a chat turn's prefill); every attention
+    square stores its new slice."""
     i, j, k = n
     where = "host" if a["attn_device"] == "host" else "device"
     a["kv_buf"] = None
-    if i > 0 and a["kv_home"] != where:
-        prev = A[(i - 1, j, k)]
+    if a["ctx"] > a["s"] and a["kv_home"] != where:
+        prev = A[(i - 1, j, k)] if i > 0 else {"order": -1}  # a past turn's cache is stored already
         buf = ("kv", j, k, i)
         a["kv_buf"] = buf
         slot = max(a["order"] - prefetch, prev["order"] + 1)
         io.io(("load",) + buf, n, op="load", tensor=("kv", j, k), buf=buf, src=a["kv_home"], dst=where,
             bytes=a["kv_read"], slot=slot, phase=LOAD)
-        io.edge(("store", "kv", j, k, i - 1), ("load",) + buf)
+        if i > 0:
+            io.edge(("store", "kv", j, k, i - 1), ("load",) + buf)
         a["frees"].append((buf, where, "kv", a["kv_read"]))
     io.io(("store", "kv", j, k, i), n, op="store", tensor=("kv", j, k), buf=("kvnew", j, k, i),
         src=where, dst=a["kv_home"], bytes=a["kv_write"], slot=a["order"], phase=STORE)

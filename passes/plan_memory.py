@@ -62,8 +62,9 @@ def replay(graph) -> _Ledger:
             ledger.add("device", "activations", out, transient=b["workspace"])
             for _, tier, kind, nbytes in b["frees"]:  # last uses: the order among a slot's
                 ledger.add(tier, _category((kind,)), -nbytes)  # stores and frees moves no peak
-        elif op == "load":
-            ledger.add(b["dst"], _category(b["tensor"]), b["bytes"])
+        elif op == "load":  # compressed weights: the moved bytes are dequantised into `held`
+            held = b.get("held", b["bytes"])
+            ledger.add(b["dst"], _category(b["tensor"]), held, transient=b["bytes"] if held != b["bytes"] else 0)
             if b["tensor"][0] == "act":  # an activation is consumed once: its home copy goes
                 ledger.add(b["src"], "activations", -b["bytes"])
         else:  # store: a cache slice lands in its preallocated home; an activation moves

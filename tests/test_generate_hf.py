@@ -74,3 +74,22 @@ def test_output_shape_and_eos_padding(opt_ckpt, offload_dir):
             assert (row[hits[0, 0] + 1:] == pad).all()
     fake = torch.tensor([[5, eos, 7, eos, 9]])
     assert llm._after_eos(fake).tolist() == [[5, eos, pad, pad, pad]]
+
+
+def test_logprobs_and_per_prompt_seeds(opt_ckpt, offload_dir):
+    """Greedy log-probs equal log_softmax of HF's logits; a prompt's samples follow its own seed."""
+    path, model = opt_ckpt
+    ids, mask = left_padded_batch(4)
+    with LLM(str(path), ["model.dtype=float32", "policy.gpu_batch_size=2", "policy.num_gpu_batches=1",
+                         f"hardware.offload_dir={offload_dir}"]) as llm:
+        out, lp = llm.generate(ids, mask, max_new_tokens=3, return_logprobs=True)
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=mask, max_new_tokens=3, output_scores=True,
+                                 return_dict_in_generate=True)
+        want = torch.stack([torch.log_softmax(sc.float(), -1).gather(-1, out[:, 7 + t, None]).squeeze(-1)
+                            for t, sc in enumerate(ref.scores)], 1)
+        assert torch.allclose(lp, want, atol=1e-4)
+        kw = dict(max_new_tokens=4, do_sample=True, temperature=1.5)
+        a = llm.generate(ids, mask, seed=[11, 12, 13, 14], **kw)
+        b = llm.generate(ids[[2, 3, 0, 1]], mask[[2, 3, 0, 1]], seed=[13, 14, 11, 12], **kw)
+        assert torch.equal(a[[2, 3, 0, 1]], b)  # rows keep their samples whichever block they are in

@@ -5,10 +5,11 @@ by tensor; .bin files are memory-mapped (torch.load(mmap=True)).
 """
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,6 +25,10 @@ class WeightSource:
 
     def get(self, spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
+
+    def locate(self, spec: WeightSpec) -> Optional[Tuple[str, int, torch.dtype]]:
+        """(file, byte offset, stored dtype) when the tensor lies raw in a file (read in place)."""
+        return None
 
     def close(self) -> None:
         pass
@@ -55,6 +60,7 @@ class CheckpointWeights(WeightSource):
         self.path = Path(path)
         self._where: Dict[str, Path] = {}  # tensor name -> file
         self._open: Dict[Path, object] = {}
+        self._headers: Dict[Path, Dict[str, tuple]] = {}  # safetensors file -> name -> (offset, dtype, shape)
         files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
         files = [f for f in files if not f.name.startswith("training_args")]
         if not files:
@@ -104,8 +110,34 @@ class CheckpointWeights(WeightSource):
             raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != spec shape {spec.shape}")
         return t.to(dtype)
 
+    def locate(self, spec: WeightSpec) -> Optional[Tuple[str, int, torch.dtype]]:
+        name = self.resolve(spec.source)
+        if name is None or self._where[name].suffix != ".safetensors":
+            return None
+        f = self._where[name]
+        if f not in self._headers:
+            self._headers[f] = safetensors_index(f)
+        off, dtype, shape = self._headers[f].get(name, (None, None, None))
+        if off is None or dtype is None or tuple(shape) != tuple(spec.shape):
+            return None
+        return str(f), off, dtype
+
     def close(self) -> None:
         self._open.clear()
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def safetensors_index(path: Path) -> Dict[str, tuple]:
+    """name -> (absolute byte offset, dtype or None if unknown, shape), from the file's JSON header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {name: (8 + n + h["data_offsets"][0], _ST_DTYPES.get(h["dtype"]), h["shape"])
+            for name, h in header.items() if name != "__metadata__"}
 
 
 def find_checkpoint(path: Optional[str], hf_id: Optional[str]) -> Optional[Path]:

@@ -1,0 +1,195 @@
+"""Async executor: three streams, load / compute / store, overlapping the next squares' loads
+and the previous square's stores with the current compute (FlexGen's zig-zag loop), driven by
+the compiled schedule instead of hand-written loops.
+
+Each stream runs its ops in schedule order on its own thread (compute on the caller's, so
+Ctrl-C lands there). An op starts when
+- its producers have finished: the graph's edges (load -> square, square -> store,
+  store -> load), plus the cache store that a square reads in place (no load between them);
+- (a load) the compute of the slot before its own has finished: the memory plan counts a
+  slot's loads beside that slot's compute, so the tiers stay within the plan;
+- (a compute) the stores of STORE_LAG slots back have finished: stores in flight are bounded;
+- (a store) the loads issued up to its slot have finished: an activation a load takes out of
+  host or disk leaves before the next one lands there, as in the plan.
+A square's stores take their values out of the device tier right after it computes, as the
+reference executor does, so the tiers' accounting follows the plan exactly; the write
+itself runs on the store stream.
+On a GPU each thread issues on its own CUDA stream (executors/cuda.py). What an op does is
+Executor.load / compute / store, shared with the reference executor: outputs are
+bit-identical to it; only *when* ops run differs.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_left, bisect_right
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from .base import Executor
+
+STREAMS = ("load", "compute", "store")
+STORE_LAG = 2  # compute t waits for the stores of slot t - 2: one slot of stores overlaps compute
+
+
+class _Abort(Exception):
+    """Another stream failed: stop without running more ops."""
+
+
+@dataclass
+class StreamPlan:
+    ops: Dict[str, List]  # stream -> its nodes, in schedule order
+    waits: Dict[object, Tuple[int, int, int]]  # node -> ops done needed on (load, compute, store)
+    stores_of: Dict[object, List]  # square -> its store nodes
+
+
+def plan_streams(graph, ops, store_lag: int = STORE_LAG) -> StreamPlan:
+    """Split the flat schedule into streams and turn dependencies into progress counts."""
+    A = graph.nodes
+    lists: Dict[str, List] = {s: [] for s in STREAMS}
+    pos = {}
+    for n in ops:
+        s = A[n].get("op", "compute")
+        pos[n] = (s, len(lists[s]))
+        lists[s].append(n)
+    load_slots = [A[n]["slot"] for n in lists["load"]]
+    compute_slots = [A[n]["slot"] for n in lists["compute"]]
+    store_slots = [A[n]["slot"] for n in lists["store"]]
+    waits = {}
+    for n in ops:
+        a, (s, idx) = A[n], pos[n]
+        need = dict.fromkeys(STREAMS, 0)
+        for p in _producers(graph, n, a):
+            if p in pos:
+                ps, pidx = pos[p]
+                assert ps != s or pidx < idx, f"{p} runs after its consumer {n} on stream {s}"
+                need[ps] = max(need[ps], pidx + 1)
+        if s == "load":  # not before the compute of the previous slot finished (memory plan)
+            need["compute"] = max(need["compute"], bisect_left(compute_slots, a["slot"]))
+        elif s == "compute":
+            need["store"] = max(need["store"], bisect_right(store_slots, a["slot"] - store_lag))
+        else:
+            need["load"] = max(need["load"], bisect_right(load_slots, a["slot"]))
+        need[s] = 0  # same stream: order already guarantees it
+        waits[n] = (need["load"], need["compute"], need["store"])
+    stores_of: Dict[object, List] = defaultdict(list)
+    for n in lists["store"]:
+        stores_of[A[n]["square"]].append(n)
+    return StreamPlan(lists, waits, dict(stores_of))
+
+
+def _producers(graph, n, a):
+    yield from graph.predecessors(n)
+    if a.get("kind") == "attn" and n[0] > 0 and a.get("kv_buf") is None:
+        i, j, k = n  # the cache is read in place: the previous step's slice must be stored
+        yield ("store", "kv", j, k, i - 1)
+
+
+class AsyncExecutor(Executor):
+    name = "async"
+
+    def __init__(self, spec, weights, cfg):
+        super().__init__(spec, weights, cfg)
+        self.cuda = None
+        if self.device.type == "cuda":
+            from .cuda import CudaStreams
+
+            self.cuda = CudaStreams(self.device, STREAMS)
+            self.cuda.attach_staging(self.tiers["disk"], cfg.executor)
+        self._plan_for = (None, None)  # (graph, StreamPlan): plans are reused across blocks
+
+    def _run_block(self, graph, inputs):
+        self._graph = graph
+        return super()._run_block(graph, inputs)
+
+    def stream_plan(self, ops) -> StreamPlan:
+        if self._plan_for[0] is not self._graph:
+            self._plan_for = (self._graph, plan_streams(self._graph, ops))
+        return self._plan_for[1]
+
+    # --- running ------------------------------------------------------------------------
+    def run_ops(self, ops) -> None:
+        plan = self.stream_plan(ops)
+        self._stores_of, self._taken = plan.stores_of, {}
+        self._progress = [0, 0, 0]
+        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        self._error = None
+        self._aborted = False
+        self._busy: Dict[str, float] = defaultdict(float)
+        self._wall: Dict[str, float] = defaultdict(float)
+        self._mark = time.perf_counter()
+        self._last_kind = "prefill"
+        workers = [threading.Thread(target=self._worker, args=(s, plan), name=f"graphgen-{s}", daemon=True)
+                   for s in ("load", "store")]
+        for w in workers:
+            w.start()
+        try:
+            self._stream("compute", plan)
+        except BaseException as e:  # noqa: B902 (KeyboardInterrupt too: stop the other streams first)
+            self._fail(e)
+        finally:
+            for w in workers:
+                w.join()
+        self._wall[self._last_kind] += time.perf_counter() - self._mark  # the last stores
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        self.stats["time"] = defaultdict(float, self._wall)  # wall clock, split at compute ends
+        self.stats["busy"] = dict(self._busy)
+
+    # --- ops: a store's value is taken when its square finishes, written by the store stream ----
+    def compute(self, n, a) -> None:
+        super().compute(n, a)
+        for st in self._stores_of.get(n, ()):
+            b = self.A[st]
+            self._taken[st] = self.tiers[b["src"]].pop(b["buf"])
+
+    def store(self, node, b) -> None:
+        self.put_stored(b, self._taken.pop(node))
+
+    def _worker(self, stream: str, plan: StreamPlan) -> None:
+        try:
+            self._stream(stream, plan)
+        except BaseException as e:  # noqa: B902
+            self._fail(e)
+
+    def _stream(self, stream: str, plan: StreamPlan) -> None:
+        s = STREAMS.index(stream)
+        for idx, node in enumerate(plan.ops[stream]):
+            self._wait(plan.waits[node])
+            if self.cuda is None:
+                self.execute(node)
+            else:
+                with self.cuda.stream(stream):
+                    self.execute(node)
+                    self.cuda.after(self, stream, self.A[node])
+            with self._cv:
+                self._progress[s] = idx + 1
+                self._cv.notify_all()
+
+    def _wait(self, need: Tuple[int, int, int]) -> None:
+        p = self._progress
+        if p[0] >= need[0] and p[1] >= need[1] and p[2] >= need[2] and not self._aborted:
+            return
+        with self._cv:
+            while not self._aborted and (p[0] < need[0] or p[1] < need[1] or p[2] < need[2]):
+                self._cv.wait(0.5)
+            if self._aborted:
+                raise _Abort()
+
+    def _fail(self, e: BaseException) -> None:
+        with self._cv:
+            if self._error is None and not isinstance(e, _Abort):
+                self._error = e
+            self._aborted = True
+            self._cv.notify_all()
+
+    def record(self, node, b, op, t0, t1) -> None:
+        with self._lock:
+            super().record(node, b, op, t0, t1)
+            self._busy[op] += t1 - t0
+            if op == "compute":  # the wall clock since the previous compute ended goes to this step
+                self._wall[b["step_kind"]] += t1 - self._mark
+                self._mark, self._last_kind = t1, b["step_kind"]

@@ -1,0 +1,125 @@
+"""Compression: group-wise 4/8-bit quantisation of weights and/or the KV cache (FlexGen's scheme).
+
+requires: w_home    provides: w_compressed, kv_compressed ((bits, group_size, group_dim) or None)
+Rewrites the byte attributes later passes, the planner, the cost model and the report read, to
+the compressed sizes (executors.quant.quantized_nbytes): w_bytes (home and every link),
+kv_bytes, kv_read, kv_write. Adds w_work_bytes: the dequantised working copy a layer run uses on
+the device (insert_io loads into it; plan_memory counts it). Only matrices are quantised
+(costs.is_compressed); biases and norms stay dense. The KV cache [2, S_max, B, nkv, d] is grouped
+along a dim other than the sequence (default -1, head_dim), so prefixes and slices stay cheap.
+graph.graph["compression"]: {"weight": summary | None, "cache": summary | None} for reports.
+With both bits unset it only records "no compression".
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+from executors.quant import BITS, quantized_nbytes
+from graphgen.build import squares
+from graphgen.costs import Shape, is_compressed
+
+from . import PassError, register
+
+Comp = Optional[Tuple[int, int, int]]  # (bits, group_size, group_dim)
+
+
+def settings(c, key: str) -> Comp:
+    """CompressionConfig -> (bits, group_size, group_dim), None when off; bad values name the key."""
+    if c.bits is None:
+        return None
+    if c.bits not in BITS:
+        raise PassError(f"{key}.bits={c.bits} is not supported: use 4 or 8 (or leave it unset for no compression)")
+    if c.group_size < 1 or (c.bits == 4 and c.group_size % 2):
+        raise PassError(f"{key}.group_size={c.group_size} must be a positive"
+                        f"{' even' if c.bits == 4 else ''} integer; 64 is the usual choice")
+    return (int(c.bits), int(c.group_size), int(c.group_dim))
+
+
+def weight_nbytes(layer, itemsize: int, comp: Comp) -> int:
+    """Bytes of a layer's weights at home and over links: quantised matrices + dense the rest."""
+    if comp is None:
+        return layer.numel * itemsize
+    bits, gs, gd = comp
+    return sum(quantized_nbytes(w.shape, bits, gs, gd) if is_compressed(w) else w.numel * itemsize
+               for w in layer.weights)
+
+
+def cache_shape(spec, sh: Shape, n_pos: int) -> Tuple[int, ...]:
+    """n_pos positions of one attention layer's cache for one GPU batch: [2, n, B, nkv, d]."""
+    return (2, n_pos, sh.batch, spec.num_kv_heads, spec.head_dim)
+
+
+def kv_nbytes(spec, sh: Shape, n_pos: int, comp: Comp) -> int:
+    shape = cache_shape(spec, sh, n_pos)
+    if comp is None:
+        return _prod(shape) * sh.itemsize
+    return quantized_nbytes(shape, *comp) if n_pos else 0
+
+
+def check_weight_groups(spec, comp: Comp) -> None:
+    for layer in spec.layers:
+        for w in layer.weights:
+            if is_compressed(w) and not -len(w.shape) <= comp[2] < len(w.shape):
+                raise PassError(f"policy.compress_weight.group_dim={comp[2]} is out of range for {w.name} "
+                                f"of shape {list(w.shape)}: use -1 (along rows) or 0 (along columns)")
+
+
+def check_cache_groups(comp: Comp) -> None:
+    if not -3 <= comp[2] <= 4 or comp[2] % 5 < 2:
+        raise PassError(f"policy.compress_cache.group_dim={comp[2]}: the cache is [2, seq, batch, kv_heads, "
+                        "head_dim] and grows along seq, so groups must run along batch, kv_heads or head_dim: "
+                        "use -1 (head_dim, the default), -2 or -3")
+
+
+def summary(comp: Comp, nbytes: int, dense: int) -> Optional[Dict]:
+    if comp is None:
+        return None
+    bits, gs, gd = comp
+    return {"bits": bits, "group_size": gs, "group_dim": gd, "bytes": nbytes, "dense_bytes": dense,
+            "ratio": nbytes / dense if dense else 1.0}
+
+
+@register("compress", requires=("w_home",), provides=("w_compressed", "kv_compressed"))
+def compress(graph, cfg):
+    p = cfg.policy
+    wc = settings(p.compress_weight, "policy.compress_weight")
+    cc = settings(p.compress_cache, "policy.compress_cache")
+    spec, sh, nb = graph.graph["spec"], graph.graph["shape"], graph.graph["num_batches"]
+    if wc:
+        check_weight_groups(spec, wc)
+    if cc:
+        check_cache_groups(cc)
+    # per layer: (setting, compressed bytes, dense bytes); a layer with no matrix stays dense
+    lay = []
+    for layer in spec.layers:
+        c = wc if wc and any(is_compressed(w) for w in layer.weights) else None
+        lay.append((c, weight_nbytes(layer, sh.itemsize, c), layer.numel * sh.itemsize))
+    attn = sum(layer.kind == "attn" for layer in spec.layers)
+    kv_total = attn * nb * kv_nbytes(spec, sh, sh.max_len, cc)
+    graph.graph["compression"] = {
+        "weight": summary(wc, sum(x[1] for x in lay), sum(x[2] for x in lay)),
+        "cache": summary(cc, kv_total, attn * nb * kv_nbytes(spec, sh, sh.max_len, None))}
+    kv = {}  # step -> (kv_bytes, kv_read, kv_write): computed once per step, not per square
+    for n in squares(graph):
+        a = graph.nodes[n]
+        c, wq, dense = lay[n[1]]
+        a["w_compressed"] = c
+        if c:
+            a["w_bytes"], a["w_work_bytes"] = wq, dense
+        if a["kind"] != "attn":
+            continue
+        a["kv_compressed"] = cc
+        if cc:
+            if n[0] not in kv:
+                past = a["ctx"] - a["s"]
+                kv[n[0]] = (kv_nbytes(spec, sh, sh.max_len, cc), kv_nbytes(spec, sh, past, cc),
+                            kv_nbytes(spec, sh, a["s"], cc))
+            a["kv_bytes"], a["kv_read"], a["kv_write"] = kv[n[0]]
+    return graph
+
+
+def _prod(xs: Sequence[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
