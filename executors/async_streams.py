@@ -111,6 +111,8 @@ class AsyncExecutor(Executor):
     # --- running ------------------------------------------------------------------------
     def run_ops(self, ops) -> None:
         plan = self.stream_plan(ops)
+        if self.cuda is not None:  # weights and caches were set up on the default stream
+            self.cuda.synchronize()
         self._stores_of, self._taken = plan.stores_of, {}
         self._progress = [0, 0, 0]
         self._cv = threading.Condition()

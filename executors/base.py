@@ -67,6 +67,9 @@ class Executor:
                                                         ex.direct_io)}
         self.w_homes: Optional[List[str]] = None
         self.w_comps: Optional[List] = None  # per layer: the graph's w_compressed when placed
+        # CPU: dequantised weights reuse freed buffers (at most one layer's worth kept free)
+        self.work = cq.WorkBuffers(max(layer.numel for layer in spec.layers) * self.dtype.itemsize, self.device) \
+            if self.device.type == "cpu" else None
         self.trace = Trace() if cfg.executor.trace else None
         self.keep_cache = False  # chat sessions keep the KV cache between blocks (turns)
         self.on_compute: Optional[Callable] = None  # called with each square after it ran (progress bars)
@@ -93,6 +96,7 @@ class Executor:
                 tier.put(("w", j), {w.name: self.to_tier(self.source.get(w, self.dtype), tier)
                                     for w in layer.weights})
         self.w_homes, self.w_comps = homes, comps
+        self.source.close()  # unmap the checkpoint files read (reopened if weights move again)
 
     def to_tier(self, t: torch.Tensor, tier: Tier) -> torch.Tensor:
         """A weight tensor moved to the tier's memory (host weights pinned on a GPU machine)."""
@@ -162,9 +166,13 @@ class Executor:
     def stated_overhead(self, graph) -> int:
         """What a run may use beyond its plan (see executors/memory.py): weight placement, I/O staging."""
         biggest = max(w.numel for layer in self.spec.layers for w in layer.weights)
-        extra = biggest * (4 + self.dtype.itemsize)
+        extra = biggest * (8 + self.dtype.itemsize)  # dummy weights: randn and its scaled copy in float32
+        sh = graph.graph["shape"]  # the attention scratch, kept across squares: [2, B, nkv, S_max, d]
+        extra += 2 * sh.batch * self.spec.kv_dim * sh.max_len * self.dtype.itemsize
         if self.cfg.policy.compress_weight.bits or self.cfg.policy.compress_cache.bits:
             extra += temp_nbytes(self.device.type)  # quantise / dequantise scratch, one block at a time
+        if self.cfg.policy.compress_weight.bits and self.work is not None:
+            extra += self.work.cap  # free dequantisation buffers kept for reuse
         if graph.graph.get("peak_bytes", {}).get("disk", 0):
             extra += self.cfg.executor.io_threads * CHUNK
         return memory.stated_overhead(planned_ram(graph, self.device), extra)
@@ -178,6 +186,9 @@ class Executor:
         mask = torch.cat([inputs.attention_mask, torch.ones(nb, B, gen, dtype=torch.long)], -1)
         self.state = BlockState(inputs, mask.to(self.device), [[] for _ in range(nb)], [[] for _ in range(nb)])
         self.A = dict(graph.nodes(data=True))
+        self.max_len = graph.graph["shape"].max_len
+        self._bias: Dict = {}  # GPU batch -> (key, attention bias of its current step)
+        self._scratch: Dict = {}
         self.alloc_caches(graph)
         self.stats = {"time": defaultdict(float), "bytes": defaultdict(int)}
         try:
@@ -223,7 +234,9 @@ class Executor:
             value = src.get_to(b["tensor"], dst.device)
             comp = self.A[b["square"]].get("w_compressed")
             if comp:  # one dequantised copy serves the whole run of squares reading w_buf
-                value = cq.dequantize_layer(self.spec.layers[b["tensor"][1]], value, comp, self.dtype)
+                t0 = time.perf_counter()
+                value = cq.dequantize_layer(self.spec.layers[b["tensor"][1]], value, comp, self.dtype, self.work)
+                self.stats["dequantize_s"] = self.stats.get("dequantize_s", 0.0) + time.perf_counter() - t0
         elif kind == "kv":
             sq = self.A[b["square"]]
             value = cq.read_prefix(src, b["tensor"], sq["ctx"] - sq["s"], sq.get("kv_compressed"))
@@ -266,8 +279,10 @@ class Executor:
             self.sample(n, self.spec.head(w, dev.get(a["act_in"])[:, -1]))
         if out is not None:
             dev.put(("act",) + n, out)
-        for buf, tier, _, _ in a["frees"]:
-            self.tiers[tier].pop(buf)
+        for buf, tier, kind, _ in a["frees"]:
+            value = self.tiers[tier].pop(buf)
+            if kind == "w" and a.get("w_compressed") and self.work is not None:  # its buffers serve again
+                self.work.give(cq.dequantized(self.spec.layers[j], value))
 
     def attention(self, n, a, w, h, pos) -> torch.Tensor:
         """Projections on the device; the core where the cache is read (device or host)."""
@@ -278,17 +293,36 @@ class Executor:
         new = torch.stack([k_new, v_new]).permute(0, 3, 1, 2, 4).to(where.device)  # [2, s, B, nkv, d]
         comp = a.get("kv_compressed")
         if L == s:  # nothing cached before this step
-            full = new
-        else:  # the stored prefix (dequantised when compressed) and the new slice, joined
+            kv = new.permute(0, 2, 3, 1, 4)  # [2, B, nkv, L, d]
+        else:  # the stored prefix (dequantised when compressed) and the new slice, joined head-major
             prefix = where.get(a["kv_buf"]) if a["kv_buf"] else cq.read_prefix(where, ("kv", j, k), L - s, comp)
-            full = torch.empty((2, L) + new.shape[2:], dtype=new.dtype, device=new.device)  # [2, L, B, nkv, d]
-            cq.dense_into(full[:, :L - s], prefix, comp)
-            full[:, L - s:] = new
-        kv = full.permute(0, 2, 3, 1, 4)  # [2, B, nkv, L, d]
+            b_, nkv, d = new.shape[2:]
+            kv = self.scratch((2, b_, nkv, L, d), new.dtype, new.device)  # [2, B, nkv, L, d], contiguous
+            cq.dense_into(kv[:, :, :, :L - s].permute(0, 3, 1, 2, 4), prefix, comp)
+            kv[:, :, :, L - s:] = new.permute(0, 2, 3, 1, 4)
         mask = self.state.mask[k][:, :L].to(where.device)
-        ctx = self.spec.attn_core(q.to(where.device), kv[0], kv[1], mask)
+        ctx = self.spec.attn_core(q.to(where.device), kv[0], kv[1], mask, self.attn_bias(k, mask, s, q.dtype))
         where.put(("kvnew", j, k, i), cq.compress_slice(new, comp))  # stored (and moved) compressed
         return self.spec.attn_out(w, ctx.to(self.device), h)
+
+    def attn_bias(self, k: int, mask: torch.Tensor, s: int, dtype: torch.dtype):
+        """The attention bias of GPU batch k at this step, built once and shared by every layer."""
+        key = (mask.shape[1], s, mask.device, dtype)
+        if self._bias.get(k, (None,))[0] != key:
+            self._bias[k] = (key, self.spec.attn_bias(mask, s, dtype))
+        return self._bias[k][1]
+
+    def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reused buffer (a fresh large CPU allocation page-faults on every touch): the joined
+        K/V of one attention square, [2, B, nkv, L, d]; sized for the longest context once."""
+        n = 1
+        for x in shape:
+            n *= x
+        buf = self._scratch.get(device)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            full = n // shape[3] * self.max_len  # the same square at the block's last step
+            buf = self._scratch[device] = torch.empty(max(n, full), dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
     def sample(self, n, logits: torch.Tensor) -> None:
         i, _, k = n

@@ -11,7 +11,8 @@ load that fills the working copy w_buf), the cache prefix inside attention.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+import threading
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -44,28 +45,66 @@ def move(value: Value, device: torch.device, non_blocking: bool = False) -> Valu
 # --- weights ---------------------------------------------------------------------------------
 
 def quantize_layer(layer, source, comp: Comp, dtype: torch.dtype, device: torch.device) -> Dict[str, torch.Tensor]:
-    """A layer's weights for its home tier: matrices quantised (from float32, on `device`), the rest dense."""
+    """A layer's weights, on the CPU, for its home tier: matrices quantised (from float32, on the
+    compute `device`, fast on a GPU), the rest dense in `dtype`."""
     bits, gs, gd = comp
     out: Dict[str, torch.Tensor] = {}
     for w in layer.weights:
         if is_compressed(w):
-            q = quantize(source.get(w, torch.float32).to(device), bits, gs, gd)
+            q = quantize(source.get(w, torch.float32).to(device), bits, gs, gd).to("cpu")
             out.update({f"{w.name}@{p}": t for p, t in parts(q).items()})
         else:
             out[w.name] = source.get(w, dtype)
     return out
 
 
-def dequantize_layer(layer, value: Dict[str, torch.Tensor], comp: Comp, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def dequantize_layer(layer, value: Dict[str, torch.Tensor], comp: Comp, dtype: torch.dtype,
+                     buffers: Optional["WorkBuffers"] = None) -> Dict[str, torch.Tensor]:
     """The compressed layer on the compute device -> its dense weights in the compute dtype."""
     out = {}
     for w in layer.weights:
         if is_compressed(w):
             q = join({p: value[f"{w.name}@{p}"] for p in PARTS}, w.shape, dtype, comp)
-            out[w.name] = dequantize(q, dtype)
+            buf = buffers.take(q.shape, dtype) if buffers is not None else None
+            out[w.name] = dequantize(q, dtype, out=buf)
         else:
             out[w.name] = value[w.name]
     return out
+
+
+def dequantized(layer, dense: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors of a working copy that dequantisation made (not the dense biases it shares)."""
+    return [dense[w.name] for w in layer.weights if is_compressed(w)]
+
+
+class WorkBuffers:
+    """Dense buffers of dequantised weights, reused across runs on a CPU device: a fresh large
+    allocation page-faults on first touch, which costs more than the dequantisation itself.
+    Keeps at most `cap` bytes of free buffers (memory beyond the plan: the stated overhead),
+    oldest dropped first. Thread-safe (the async executor loads and frees on two threads)."""
+
+    def __init__(self, cap: int, device: torch.device):
+        self.cap, self.device, self.held = cap, device, 0
+        self.free: List[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            for idx, t in enumerate(self.free):
+                if tuple(t.shape) == tuple(shape) and t.dtype == dtype:
+                    self.held -= t.nbytes
+                    return self.free.pop(idx)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def give(self, tensors: Iterable[torch.Tensor]) -> None:
+        with self._lock:
+            for t in tensors:
+                if t.nbytes > self.cap:
+                    continue
+                while self.free and self.held + t.nbytes > self.cap:
+                    self.held -= self.free.pop(0).nbytes
+                self.free.append(t)
+                self.held += t.nbytes
 
 
 # --- KV cache -----------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ class CudaStreams:
         self.device = device
         self.streams: Dict[str, torch.cuda.Stream] = {n: torch.cuda.Stream(device) for n in names}
 
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
     @contextmanager
     def stream(self, name: str):
         with torch.cuda.device(self.device), torch.cuda.stream(self.streams[name]):

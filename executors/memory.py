@@ -6,8 +6,9 @@ CUDA: torch.cuda.max_memory_allocated, reset at the start.
 
 What the plan does not count, and a run may use beyond it (the stated overhead):
 - the process before the block (interpreter, torch, model code, the graph): `base`, measured;
-- while weights are placed: one weight tensor in float32 (dummy weights are drawn in float32,
-  checkpoint tensors converted), plus its copy in the run dtype;
+- while weights are placed: one weight tensor twice in float32 (dummy weights are drawn in
+  float32 and scaled; checkpoint tensors converted), plus its copy in the run dtype;
+- the attention scratch (executor.scratch): the joined K/V of one square at the longest context;
 - disk I/O: one aligned staging chunk per I/O thread (disk.CHUNK each);
 - async executor: the stores of one slot in flight while the next square computes;
 - allocator slack: 5 % of the plan plus 64 MiB (glibc arenas, torch's CPU allocator).
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from typing import Dict, Optional
 
 import torch

@@ -48,6 +48,10 @@ class LLM:
         m = config.model
         hf = hf_config_from_dir(self.checkpoint) if self.checkpoint else hf_config_from_arch(m.arch)
         self.spec = build_spec(hf, m.name)
+        if config.policy.auto:  # policy=auto: choose the policy for config.workload and the budgets
+            from .optimize import resolve_policy
+
+            self.cfg = config = resolve_policy(config, spec=self.spec)
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.executor = None
         self._graphs: Dict[Tuple[int, ...], object] = {}

@@ -50,6 +50,9 @@ class PolicyConfig:
     weight_overrides: Dict[int, str] = field(default_factory=dict)  # layer index -> tier
     compress_weight: CompressionConfig = field(default_factory=CompressionConfig)
     compress_cache: CompressionConfig = field(default_factory=CompressionConfig)
+    # auto: graphgen.optimize picks percent, batch sizes, cpu_attention and compression for the
+    # workload and the tier budgets (the values above are then ignored)
+    auto: bool = False
 
 
 @dataclass
@@ -59,6 +62,7 @@ class HardwareConfig:
     device_mem: str = "8GB"
     host_mem: str = "12GB"
     disk_mem: str = "100GB"
+    pinned_mem: Optional[str] = None  # CUDA: page-locked host memory for weights; None = half of host_mem
     offload_dir: str = "${oc.env:GRAPHGEN_OFFLOAD_DIR,/tmp/graphgen-offload}"
     # measured or published constants for the cost model (FLOP/s, bytes/s), keyed by name
     profile: Dict[str, float] = field(default_factory=dict)
@@ -78,7 +82,7 @@ class WorkloadConfig:
 
 @dataclass
 class ExecutorConfig:
-    name: str = "reference"  # reference: one op at a time | async: load / compute / store streams
+    name: str = "async"  # async: load / compute / store streams | reference: one op at a time (the oracle)
     prefetch: int = 1  # how many squares ahead loads are issued
     trace: bool = False
     io_threads: int = 4  # disk tier: requests in flight (each an 8 MiB chunk)

@@ -95,9 +95,12 @@ class CostModel:
         """Seconds of one square by part: matmul, attention (where it runs), dequant, overhead.
         kv_dense: dense bytes of the cache positions decode attention reads (prefix + new slice)."""
         dt, mm = self.dtype, a["flops"] - attn_flops
-        out = {"overhead": self.opt("compute_overhead_s")}
+        out = {"overhead": self.opt("compute_overhead_s") + (self.opt("attn_overhead_s") if a["kind"] == "attn" else 0)}
         if a["step_kind"] == "prefill":
-            out["matmul"] = mm / self.rate(f"device_flops_{dt}")
+            # the head only reads the last position: one row per sequence, priced like decode; a
+            # fitted profile also streams every matmul square's weights once (small prompts)
+            out["matmul"] = (self.decode_matmul_s(mm, a) if a["kind"] == "head" else
+                             mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a))
             if attn_flops:
                 out["attention"] = attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}")
             return out
@@ -115,20 +118,29 @@ class CostModel:
         return sum(self.compute_parts(a, attn_flops, kv_dense, batch, hidden).values())
 
     def decode_matmul_s(self, flops: float, a: dict) -> float:
-        """One token per sequence: FLOP/s of the decode shape, and never faster than reading the
-        weights once (device_mm_bw_<dtype>: the rate a skinny matmul streams weights at)."""
+        """One row per sequence: FLOPs at the decode shape's FLOP/s, and the weights streamed at
+        device_mm_bw_<dtype>: the larger of the two (measured microbenchmarks), or their sum when the
+        profile was fitted to traced runs in that form (graphgen.calibrate: calibrated = 1)."""
         t = flops / self.rate(f"device_flops_decode_{self.dtype}", f"device_flops_{self.dtype}")
         bw = self.p.get(f"device_mm_bw_{self.dtype}")
         if bw and flops:
-            t = max(t, a.get("w_work_bytes", a["w_bytes"]) / bw)
+            w = a.get("w_work_bytes", a["w_bytes"]) / bw
+            t = t + w if self.p.get("calibrated") else max(t, w)
         return t
+
+    def streamed_s(self, flops: float, a: dict) -> float:
+        """A fitted profile's weight-streaming term of a prefill matmul (absent otherwise)."""
+        bw = self.p.get(f"device_mm_bw_{self.dtype}")
+        if not (flops and bw and self.p.get("calibrated")):
+            return 0.0
+        return a.get("w_work_bytes", a["w_bytes"]) / bw
 
     def attention_bw(self, where: str, batch: int = 64, hidden: int = 4096) -> float:
         """Decode attention in cache bytes/s; on the host with FlexGen's fitted factor for small
         GPU batches and hidden sizes (cpu_attn_c1..c3, when the profile has them)."""
         if where != "host":
-            return self.rate("device_attn_bw")
-        bw = self.rate("cpu_attn_bw")
+            return self.rate(f"device_attn_bw_{self.dtype}", "device_attn_bw")
+        bw = self.rate(f"cpu_attn_bw_{self.dtype}", "cpu_attn_bw")
         c = [self.p.get(f"cpu_attn_c{i}") for i in (1, 2, 3)]
         if None in c:
             return bw
@@ -159,9 +171,13 @@ class CostModel:
 
 
 def attention_flops(graph, a: dict) -> float:
+    return attention_flops_of(graph.graph["spec"], graph.graph["shape"], a)
+
+
+def attention_flops_of(spec, sh, a: dict) -> float:
+    """q.k and p.v of one attention square (the rest of its FLOPs are matmuls)."""
     if a["kind"] != "attn":
         return 0.0
-    spec, sh = graph.graph["spec"], graph.graph["shape"]
     return 4.0 * sh.batch * spec.num_heads * a["s"] * a["ctx"] * spec.head_dim
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-VERSION = 2  # bump when keys or methods change: cached profiles of another version are re-measured
+VERSION = 3  # bump when keys or methods change: cached profiles of another version are re-measured
 
 PROFILE_KEYS: Dict[str, str] = {
     # matmul (B*s, H) x (H, 4H): one per dtype the device computes in
@@ -61,6 +61,19 @@ PROFILE_KEYS: Dict[str, str] = {
     "disk_o_direct": "1 if the disk figures used O_DIRECT, 0 if buffered I/O + fsync + "
                      "posix_fadvise(DONTNEED) (or no bypass at all where fadvise is missing) (flag)",
     "device_is_host": "1 if there is no separate device (CPU-only): h2d/d2h are memcpy (flag)",
+    # executor-level costs (graphgen.costmodel treats each as absent = free)
+    "device_mm_bw_<dtype>": "weight bytes/s a decode matmul (8, H) x (H, 4H) streams (8 sequences, one "
+                            "token each), weights cycling over a set larger than the caches: the floor of a "
+                            "decode layer's matmuls (bytes/s)",
+    "compute_overhead_s": "seconds of one decode square of a tiny layer (H=64, B=1) through graphgen's layer "
+                          "code, mean of attention and MLP: the fixed cost of a square's kernels (s)",
+    "disk_latency_s": "seconds of one 4 KiB read from offload_dir, page cache bypassed, file opened and "
+                      "closed as the disk tier does per request (s)",
+    "dequant_bw": "dense bytes/s of dequantising 4-bit group-wise weights (executors.quant) on the "
+                  "device, the compute dtype being the default one (bytes/s)",
+    "attn_overhead_s": "optional, fitted by graphgen.calibrate: what an attention square costs beyond "
+                       "compute_overhead_s and its FLOPs and bytes (s)",
+    "calibrated": "optional: 1 when graphgen.calibrate fitted the executor-level keys to traced runs (flag)",
     # optional refinements, present in published profiles only; consumers fall back to the key in ()
     "d2h_cache_bw": "optional: device -> host copy of KV cache slices, slower than whole "
                     "activations (bytes/s; FlexGen gtoc_bdw_cache; else d2h_bw)",
@@ -86,8 +99,10 @@ class Shapes:
 
 
 SHAPES = {
+    # decode attention: a 33 MB cache per square, the size CPU runs have (a 268 MB one runs ~2x
+    # slower per byte in bfloat16 SDPA and would misprice typical squares)
     ("cpu", False): Shapes((1024, 2048, 8192), (32, 2048, 8192), (4, 16, 512, 128),
-                           (32, 16, 1024, 128), 256 << 20, 512 << 20),
+                           (16, 16, 512, 64), 256 << 20, 512 << 20),
     ("cpu", True): Shapes((256, 1024, 4096), (32, 1024, 4096), (4, 8, 256, 64),
                           (8, 8, 512, 64), 32 << 20, 32 << 20),
     ("cuda", False): Shapes((4096, 4096, 16384), (64, 4096, 16384), (8, 32, 1024, 128),
@@ -180,10 +195,119 @@ def prefill_attention_flops(device: torch.device, dtype: torch.dtype,
 
 def decode_attention_bw(device: torch.device, dtype: torch.dtype,
                         shape: Tuple[int, int, int, int], repeats: int = 5) -> float:
-    """Bytes of K+V cache (B, heads, S, d) per second, one new query token per sequence."""
+    """Bytes of K+V cache (B, heads, S, d) per second, one new query token per sequence, as the
+    executors run it: the cached prefix ([2, S-1, B, heads, d], graphgen's cache layout) joined
+    with the new slice, permuted to [B, heads, S, d] and passed to SDPA with an additive mask."""
     b, h, ctx, d = shape
     kv_bytes = 2 * b * h * ctx * d * torch.finfo(dtype).bits // 8
-    return kv_bytes / _sdpa_seconds(device, dtype, b, h, 1, ctx, d, repeats)
+    q = _filled((b, h, 1, d), dtype, device)
+    prefix, new = _filled((2, ctx - 1, b, h, d), dtype, device), _filled((2, 1, b, h, d), dtype, device)
+    bias = _additive_bias(b, 1, ctx, dtype, device)
+
+    def attn():
+        kv = torch.cat([prefix, new], 1).permute(0, 2, 3, 1, 4)  # [2, B, heads, S, d]
+        return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias)
+
+    return kv_bytes / _bench(attn, _sync_fn(device), repeats)
+
+
+# ---------------------------------------------------------------- executor-level costs
+
+
+def weight_stream_bw(device: torch.device, dtype: torch.dtype, kn: Tuple[int, int], total: int,
+                     repeats: int = 5, m: int = 8) -> float:
+    """Weight bytes/s of decode matmuls (m, K) x (K, N) over `total` bytes of distinct weights
+    (more than the caches hold, as a decode step's layers are). m = 8, not 1: CPU libraries
+    take a slower matrix-vector path for a single row."""
+    k, n = kn
+    count = max(2, total // (k * n * torch.finfo(dtype).bits // 8))
+    ws = [_filled((n, k), dtype, device) for _ in range(count)]
+    x = _filled((m, k), dtype, device)
+
+    def run():
+        for w in ws:
+            F.linear(x, w)
+
+    return sum(w.nbytes for w in ws) / _bench(run, _sync_fn(device), repeats)
+
+
+def _tiny_layer(device: torch.device, dtype: torch.dtype):
+    """A one-block OPT spec (H=64, 2 heads) and its attention and MLP weights on `device`."""
+    from .models import build_spec, hf_config_from_arch
+
+    arch = {"model_type": "opt", "hidden_size": 64, "num_attention_heads": 2, "ffn_dim": 256,
+            "num_hidden_layers": 1, "vocab_size": 64, "word_embed_proj_dim": 64, "max_position_embeddings": 64}
+    spec = build_spec(hf_config_from_arch(arch), "probe")
+    weights = [{w.name: _filled(w.shape, dtype, device) * 0.02 for w in spec.layers[j].weights} for j in (1, 2)]
+    return spec, weights
+
+
+def square_overhead_s(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Seconds of a decode square of a tiny layer (B=1, 8 positions) through graphgen's layer code,
+    mean of attention and MLP: what a square costs beyond its FLOPs and bytes."""
+    from .models.base import positions_from_mask
+
+    spec, (wa, wm) = _tiny_layer(device, dtype)
+    h = _filled((1, 1, 64), dtype, device)
+    mask = torch.ones(1, 8, dtype=torch.long, device=device)
+    prefix = _filled((2, 7, 1, 2, 32), dtype, device)
+
+    def attn():
+        q, k, v = spec.attn_qkv(wa, h, positions_from_mask(mask)[:, 7:])
+        new = torch.stack([k, v]).permute(0, 3, 1, 2, 4)
+        kv = torch.cat([prefix, new], 1).permute(0, 2, 3, 1, 4)
+        return spec.attn_out(wa, spec.attn_core(q, kv[0], kv[1], mask), h)
+
+    sync, mlp = _sync_fn(device), (lambda: spec.mlp(wm, h))
+    for _ in range(3):  # first calls of new shapes build kernels (oneDNN, cuBLAS): not per square
+        attn(), mlp()
+    return (_bench(attn, sync, repeats) + _bench(mlp, sync, repeats)) / 2
+
+
+def dequant_bw(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """Dense bytes/s of dequantising an (n, n) 4-bit group-wise (64) weight into `dtype`."""
+    from executors.quant import dequantize, quantize
+
+    q = quantize(_filled((n, n), torch.float32, device), 4, 64, -1)
+    return n * n * torch.finfo(dtype).bits // 8 / _bench(lambda: dequantize(q, dtype), _sync_fn(device), repeats)
+
+
+def executor_profile(device: torch.device, shapes: Shapes, quick: bool, repeats: int) -> Dict[str, float]:
+    _, k, n = shapes.mm_decode
+    out = {f"device_mm_bw_{_dtype_name(dt)}": weight_stream_bw(device, dt, (k, n), (64 if quick else 256) << 20,
+                                                              repeats) for dt in _dtypes(device)}
+    default = torch.float16 if device.type == "cuda" else torch.bfloat16
+    out["compute_overhead_s"] = square_overhead_s(device, default, repeats)
+    out["dequant_bw"] = dequant_bw(device, default, 1024 if quick else 4096, repeats)
+    return out
+
+
+def disk_latency(offload_dir: str, repeats: int = 20) -> float:
+    """Median seconds of open + one 4 KiB read + close at a random offset of a 64 MiB file,
+    O_DIRECT where the filesystem takes it (else buffered after posix_fadvise(DONTNEED))."""
+    import random
+
+    os.makedirs(offload_dir, exist_ok=True)
+    path = os.path.join(offload_dir, f"graphgen-latency-{os.getpid()}.bin")
+    size, buf = 64 << 20, _aligned_buffer(4096)
+    try:
+        with open(path, "wb") as f:
+            f.write(os.urandom(1 << 20) * 64)
+        direct = _o_direct_works(path + ".probe", buf)
+        _drop_from_page_cache(path)
+        rng, times = random.Random(0), []
+        for _ in range(repeats):
+            off = rng.randrange(size // 4096) * 4096
+            t0 = time.perf_counter()
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            os.preadv(fd, [buf], off)
+            os.close(fd)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        buf.close()
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 # ---------------------------------------------------------------- memory links
@@ -377,7 +501,9 @@ def measure(device: str = "cpu", offload_dir: Optional[str] = None,
     else:
         out.update(_compute_profile("cpu", torch.device("cpu"), SHAPES[("cpu", quick)], repeats))
     out.update(_link_profile(dev, shapes.copy_bytes, repeats))
+    out.update(executor_profile(dev, shapes, quick, repeats))
     out.update(disk_bw(offload_dir or default_offload_dir(), shapes.disk_bytes, 2 if quick else 3))
+    out["disk_latency_s"] = disk_latency(offload_dir or default_offload_dir())
     return dict(sorted(out.items()))
 
 
@@ -494,13 +620,15 @@ def load_or_measure(device: str = "cpu", offload_dir: Optional[str] = None,
 
 
 def format_table(profile: Dict[str, float], meta: Optional[Dict[str, object]] = None) -> str:
-    """Human units: GFLOP/s for *flops*, GB/s (1e9 bytes/s) for *_bw, raw for flags."""
+    """Human units: GFLOP/s for *flops*, GB/s (1e9 bytes/s) for *_bw*, us for *_s, raw for flags."""
     rows = []
     for key, value in profile.items():
         if "flops" in key:
             rows.append((key, f"{value / 1e9:12.1f}", "GFLOP/s"))
-        elif key.endswith("_bw"):
+        elif "_bw" in key:
             rows.append((key, f"{value / 1e9:12.2f}", "GB/s"))
+        elif key.endswith("_s"):
+            rows.append((key, f"{value * 1e6:12.1f}", "us"))
         else:
             rows.append((key, f"{value:12.4g}", ""))
     width = max(len(k) for k, _, _ in rows)

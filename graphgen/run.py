@@ -45,9 +45,11 @@ def run(cfg: Config) -> Dict:
     if cfg.viz.timeline:
         cfg.executor.trace = True  # the timeline is drawn from the run's trace
     if cfg.viz.dry_run:
-        return viz.plan_only(cfg)
-    with LLM(config=cfg) as llm:
-        ids, mask = workload_prompts(cfg, llm)
+        from .optimize import resolve_policy
+
+        return viz.plan_only(resolve_policy(cfg))
+    with LLM(config=cfg) as llm:  # policy=auto is resolved there (llm.cfg holds the chosen policy)
+        ids, mask = workload_prompts(llm.cfg, llm)
         w = cfg.workload
         out = llm.generate(ids, mask, max_new_tokens=w.gen_len, do_sample=w.do_sample,
                            temperature=w.temperature, top_k=w.top_k, top_p=w.top_p, seed=cfg.seed)

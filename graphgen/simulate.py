@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict
 
 from passes import run_pipeline
@@ -60,6 +61,9 @@ def format_prediction(cfg: Config, pr: Prediction) -> str:
 
 
 def run_simulation(cfg: Config) -> Prediction:
+    from .optimize import resolve_policy
+
+    cfg = resolve_policy(cfg, out=sys.stdout)  # policy=auto: optimise, print the choice
     pr = predict(cfg)
     print(format_prediction(cfg, pr))
     return pr

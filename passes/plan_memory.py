@@ -100,5 +100,9 @@ def over_budget(tier, ledger, budget, cfg) -> str:
                 f"policy.percent[3] = {p.percent[3]}), or lower policy.num_gpu_batches (now {p.num_gpu_batches})",
         "disk": "lower workload.gen_len or policy.gpu_batch_size, or free disk space",
     }[tier]
+    off = [f"policy.compress_{what}.bits=4" for what, c in (("weight", p.compress_weight), ("cache", p.compress_cache))
+           if not c.bits]
+    if off:  # 4-bit weights / cache take ~28% of their bfloat16 bytes (passes/compress.py)
+        advice += f"; or compress ({' and/or '.join(off)})"
     return (f"plan does not fit: the {tier} tier needs {gb(ledger.peak[tier])} at peak ({parts}) "
             f"but {key} is {gb(budget)}. To fit: {advice}; or raise {key}.")

@@ -15,7 +15,7 @@ Tensor conventions (B = gpu batch, s = new tokens this step, L = context length)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -122,17 +122,24 @@ class ModelSpec:
         """hidden of the last position [B, H] -> logits [B, V] (float32)."""
         raise NotImplementedError
 
-    def attn_bias(self, mask: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
-        """mask [B, L] -> additive bias [B, 1, s, L]: causal over the last s positions + padding."""
+    def attn_bias(self, mask: torch.Tensor, s: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """mask [B, L] -> additive bias [B, 1, s, L]: causal over the last s positions + padding.
+        None without padding when the queries are the whole sequence (plain causal) or one token
+        (attends to all): SDPA's causal kernel then skips the masked half, and nothing is built."""
+        if (s == 1 or s == mask.shape[1]) and bool(mask.all()):
+            return None
         return causal_padding_bias(mask, s, dtype)
 
-    def attn_core(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
-        """q [B, nh, s, d], k/v [B, nkv, L, d], mask [B, L] -> ctx [B, s, nh*d]."""
-        bias = self.attn_bias(mask, q.shape[2], q.dtype)
+    def attn_core(self, q, k, v, mask: torch.Tensor, bias=NotImplemented) -> torch.Tensor:
+        """q [B, nh, s, d], k/v [B, nkv, L, d], mask [B, L] -> ctx [B, s, nh*d].
+        bias: attn_bias(mask, s, q.dtype) when the caller has it (every layer shares it)."""
+        if bias is NotImplemented:
+            bias = self.attn_bias(mask, q.shape[2], q.dtype)
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.attn_scale)
+        causal = bias is None and q.shape[2] > 1  # None: see attn_bias
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, scale=self.attn_scale)
         b, nh, s, d = out.shape
         return out.transpose(1, 2).reshape(b, s, nh * d)
 

@@ -98,7 +98,7 @@ class OPTSpec(ModelSpec):
     def mlp(self, w, h):
         x = self._ln(w, h) if self.pre_ln else h
         x = F.linear(x, w["fc1.weight"], w.get("fc1.bias"))
-        x = F.relu(x) if self.act == "relu" else F.gelu(x)
+        x = F.relu_(x) if self.act == "relu" else F.gelu(x)  # in place: x is fc1's fresh output
         h = h + F.linear(x, w["fc2.weight"], w.get("fc2.bias"))
         return h if self.pre_ln else self._ln(w, h)
 

@@ -108,7 +108,9 @@ class CheckpointWeights(WeightSource):
         t = h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
         if tuple(t.shape) != tuple(spec.shape):
             raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != spec shape {spec.shape}")
-        return t.to(dtype)
+        # a copy in process memory: safetensors / mmap tensors are pages of the checkpoint file,
+        # which dropping the page cache would turn back into disk reads
+        return t.to(dtype, copy=True)
 
     def locate(self, spec: WeightSpec) -> Optional[Tuple[str, int, torch.dtype]]:
         name = self.resolve(spec.source)
