@@ -69,7 +69,8 @@ def main() -> int:
             except torch.cuda.OutOfMemoryError:
                 print(f"  HF batch {b}: out of GPU memory")
                 torch.cuda.empty_cache()
-        free(model)
+        del model
+        free()
         torch.cuda.empty_cache()
     cache = "0,100" if args.cpu_attention else "100,0"
     ov = [f"model.path={ckpt}", "model.weights=hf", "hardware=cuda", "model.dtype=float16",

@@ -31,7 +31,8 @@ def run_hf(args, batches):
     for b in batches:
         runs.append(hf_generate(model, prompts(b, args.prompt_len), args.gen_len))
         print("  " + runs[-1].row(), flush=True)
-    free(model)
+    del model
+    free()
     return runs
 
 

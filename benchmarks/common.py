@@ -3,6 +3,7 @@ Hugging Face model built like graphgen's dummy weights, timing of HF generate (p
 apart), page-cache dropping, and the graphgen side of a run."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import platform
@@ -159,9 +160,15 @@ def drop_page_cache() -> str:
 
 
 def free(*objs) -> None:
+    """Drop objects and hand freed heap memory back to the OS (glibc malloc_trim), so the next run's
+    memory is measured from a clean base."""
     for o in objs:
         del o
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def parse_ints(s: str) -> List[int]:

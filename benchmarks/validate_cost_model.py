@@ -3,7 +3,8 @@
 Part 1 (cases): each case is a model, a policy (in memory, host or disk placements) and a
 workload; it is run with the real engine (LLM.generate, executor=async, dummy bf16 weights, page
 cache dropped first), best of --repeats after a short warm-up, and predicted by the cost model on
-hardware=auto's measured profile (graphgen.hardware_profile). Prints measured and predicted
+hardware=auto's profile, fitted to probe runs first (graphgen.calibrate; --calibrate each: before
+every case, as the load of a shared machine drifts). Prints measured and predicted
 prefill / decode / total throughput and the error of the total.
 Part 2 (--auto): for one model and tier budgets, every policy of a hand-written grid and the one
 policy=auto picks are simulated, and the grid's best few and auto's pick are measured.
@@ -23,7 +24,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLM, compose, drop_page_cache, machine, prompts  # noqa: E402
@@ -53,6 +53,9 @@ CASES: Dict[str, tuple] = {
                       ["model=opt-1.3b", "policy.percent=[0,50,0,0,100,0]", "policy.cpu_attention=true",
                        "policy.gpu_batch_size=16", "policy.num_gpu_batches=2", "workload.prompt_len=64",
                        "workload.gen_len=16"]),
+    "opt-1.3b-wdisk": ("weights on disk", ["model=opt-1.3b", "policy.percent=[0,0,100,0,100,0]",
+                                          "policy.gpu_batch_size=16", "policy.num_gpu_batches=2",
+                                          "workload.prompt_len=128", "workload.gen_len=16"]),
     "opt-125m-kvdisk": ("cache on disk, CPU attention",
                         ["model=opt-125m", "policy.percent=[100,0,0,0,100,0]", "policy.cpu_attention=true",
                          "policy.gpu_batch_size=32", "policy.num_gpu_batches=2", "workload.prompt_len=128",
@@ -116,10 +119,12 @@ def breakdown(graph, events, model: CostModel) -> None:
         print(f"    {k:<40} n={count[k]:<6} measured {meas[k]:8.3f} s   predicted {pred[k]:8.3f} s")
 
 
-def run_cases(names: Sequence[str], repeats: int, show_breakdown: bool) -> List[float]:
+def run_cases(names: Sequence[str], repeats: int, show_breakdown: bool, calibrate: str) -> List[float]:
     print(HEADER)
     errors = []
     for name in names:
+        if calibrate == "each":  # the shared machine's load drifts: fit the profile just before the case
+            recalibrate()
         what, ov = CASES[name]
         cfg = compose(BASE + ov)
         st, graph = measure(cfg, repeats, show_breakdown)
@@ -151,6 +156,13 @@ def grid() -> List[List[str]]:
     return out
 
 
+def label(cfg) -> str:
+    p = cfg.policy
+    comp = " 4-bit" if p.compress_weight.bits else ""
+    return (f"percent={[round(x, 1) for x in p.percent]} gbs {p.gpu_batch_size} x {p.num_gpu_batches}"
+            f"{' cpu-attn' if p.cpu_attention else ''}{comp}")
+
+
 def compare_auto(repeats: int, measure_top: int) -> None:
     from graphgen.optimize import compile_policy, describe, optimize, policy_for
 
@@ -167,17 +179,23 @@ def compare_auto(repeats: int, measure_top: int) -> None:
     sims.sort(key=lambda x: -x[0])
     print(f"grid: {len(sims)} of {len(grid())} hand-written policies fit; best simulated "
           f"{sims[0][0]:.2f} tok/s ({' '.join(sims[0][1])}); auto simulated {res.best.sim_tok_s:.2f} tok/s")
-    print(f"{'policy':<96} {'pred':>7} {'meas':>7}")
-    rows = [("auto: " + describe(res).split(":")[0].replace("policy=auto chose ", ""), res.best.sim_tok_s,
-             policy_for(base, res.best))] + [(" ".join(o), t, c) for t, o, c in sims[:measure_top]]
+    print(f"{'policy':<60} {'predicted':>9} {'measured':>9}  tok/s")
+    rows = [("auto  " + label(policy_for(base, res.best)), res.best.sim_tok_s, policy_for(base, res.best))]
+    rows += [("grid  " + label(c), t, c) for t, _, c in sims[:measure_top]]
     measured = []
-    for label, pred, cfg in rows:
+    for name, pred, cfg in rows:
         st, _ = measure(cfg, repeats)
         measured.append(st["total_tok_s"])
-        print(f"{label[:96]:<96} {pred:7.2f} {st['total_tok_s']:7.2f}", flush=True)
+        print(f"{name:<60} {pred:9.2f} {st['total_tok_s']:9.2f}", flush=True)
     best_grid = max(measured[1:])
     print(f"auto measured {measured[0]:.2f} tok/s = {measured[0] / best_grid:.0%} of the best measured grid "
           f"policy ({best_grid:.2f} tok/s)")
+
+
+def recalibrate() -> None:
+    from graphgen.calibrate import calibrate
+
+    calibrate(verbose=False)
 
 
 def high_priority() -> str:
@@ -196,13 +214,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--breakdown", action="store_true", help="per-op-kind measured vs predicted seconds")
     ap.add_argument("--no-auto", action="store_true", help="skip the policy=auto comparison")
     ap.add_argument("--measure-top", type=int, default=3, help="grid policies measured (best simulated first)")
+    ap.add_argument("--calibrate", choices=("no", "once", "each"), default="once",
+                    help="fit the profile to probe runs (python -m graphgen.calibrate) first, or before each case")
     args = ap.parse_args(argv)
     print(f"{machine()}; {high_priority()}")
+    if args.calibrate == "once":
+        recalibrate()
     profile = hardware_profile(compose(BASE))
     print("profile: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(profile.items())))
     names = [n for n in args.cases.split(",") if n]
     if names:
-        errors = run_cases(names, args.repeats, args.breakdown)
+        errors = run_cases(names, args.repeats, args.breakdown, args.calibrate)
         print(f"|error| of total throughput: median {statistics.median(abs(e) for e in errors):.1%}, "
               f"max {max(abs(e) for e in errors):.1%}; within 15%: {sum(abs(e) <= 0.15 for e in errors)}"
               f" of {len(errors)}")

@@ -59,6 +59,8 @@ class Executor:
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise ValueError("model.dtype=float16 on the CPU is hundreds of times slower than bfloat16: "
                              "use model.dtype=bfloat16 or float32")
+        if self.device.type == "cpu" and cfg.executor.keep_freed_memory:
+            memory.keep_freed_memory()
         self.rss_base = memory.rss()  # the process before any weights: what the plan does not count
         b, ex = tier_budgets(cfg.hardware), cfg.executor
         self.tiers: Dict[str, Tier] = {"device": Tier("device", b["device"], self.device),

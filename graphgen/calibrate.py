@@ -7,7 +7,8 @@ Runs small probe jobs with the async executor and a trace: two-block OPT-shaped 
 widths (768 and 2048), a few GPU batch sizes and prompt lengths, in memory, with weights on disk,
 and with the KV cache on disk under CPU attention. Each op kind's duration is then fitted by
 non-negative least squares on relative error, over the 20th percentile of ops of equal shape (the
-least disturbed: other processes on a shared machine only ever add time):
+least disturbed: other processes on a shared machine only ever add time), each shape weighted by
+its share of its run's time:
   square      = compute_overhead_s (+ attn_overhead_s for attention) + weight bytes / device_mm_bw
                 + prefill: matmul FLOPs / device_flops + attention FLOPs / device_bmm_flops
                 + decode (and the head, one row per sequence): matmul FLOPs / device_flops_decode
@@ -37,11 +38,12 @@ from .costs import kv_slice_bytes
 # probe jobs: (model conf, overrides); two decoder blocks keep dummy weights and runs short
 PROBE = ["model.arch.num_hidden_layers=2", "model.weights=dummy", "executor=async", "report.progress=false",
          "hardware.device_mem=16GB", "hardware.host_mem=16GB", "hardware.disk_mem=40GB", "workload.gen_len=8"]
+DEV = ["policy=all-device"]
 RUNS: List[Tuple[str, List[str]]] = [
-    ("opt-125m", ["policy=all-device", "policy.gpu_batch_size=4", "policy.num_gpu_batches=2", "workload.prompt_len=64"]),
-    ("opt-125m", ["policy=all-device", "policy.gpu_batch_size=32", "policy.num_gpu_batches=1", "workload.prompt_len=256"]),
-    ("opt-1.3b", ["policy=all-device", "policy.gpu_batch_size=4", "policy.num_gpu_batches=1", "workload.prompt_len=64"]),
-    ("opt-1.3b", ["policy=all-device", "policy.gpu_batch_size=16", "policy.num_gpu_batches=2", "workload.prompt_len=192"]),
+    ("opt-125m", DEV + ["policy.gpu_batch_size=4", "policy.num_gpu_batches=2", "workload.prompt_len=64"]),
+    ("opt-125m", DEV + ["policy.gpu_batch_size=32", "policy.num_gpu_batches=1", "workload.prompt_len=256"]),
+    ("opt-1.3b", DEV + ["policy.gpu_batch_size=4", "policy.num_gpu_batches=1", "workload.prompt_len=64"]),
+    ("opt-1.3b", DEV + ["policy.gpu_batch_size=16", "policy.num_gpu_batches=2", "workload.prompt_len=192"]),
     ("opt-1.3b", ["policy.percent=[0,0,100,0,100,0]", "policy.gpu_batch_size=8", "policy.num_gpu_batches=1",
                   "workload.prompt_len=64"]),
     ("opt-125m", ["policy.percent=[100,0,0,0,100,0]", "policy.cpu_attention=true", "policy.gpu_batch_size=16",
@@ -91,8 +93,8 @@ def probe(model: str, overrides: Sequence[str], dtype: str, offload_dir: Optiona
                 "name": f"{model} {' '.join(overrides)}"}
 
 
-def groups(run: Dict) -> Tuple[List, List, Dict[str, List]]:
-    """Median duration per square shape (features, seconds) and disk ops per direction."""
+def groups(run: Dict) -> Tuple[List, List, List, Dict[str, List]]:
+    """Per square shape: features, the QUANTILE of its durations, its op count; disk ops per direction."""
     g = run["graph"]
     A = {str(n): a for n, a in g.nodes(data=True)}
     sq: Dict[tuple, List[float]] = defaultdict(list)
@@ -110,12 +112,14 @@ def groups(run: Dict) -> Tuple[List, List, Dict[str, List]]:
         elif "disk" in (a["src"], a["dst"]) and a["bytes"]:
             disk["read" if a["src"] == "disk" else "write"].append((a["bytes"], e.end - e.start))
     keys = sorted(sq)
-    return [feats[k] for k in keys], [float(np.quantile(sq[k], QUANTILE)) for k in keys], disk
+    return ([feats[k] for k in keys], [float(np.quantile(sq[k], QUANTILE)) for k in keys],
+            [len(sq[k]) for k in keys], disk)
 
 
-def fit_relative(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative coefficients minimising sum((X c / y - 1)^2)."""
-    coef, _ = nnls(X / y[:, None], np.ones(len(y)))
+def fit_relative(X: np.ndarray, y: np.ndarray, weight: Optional[np.ndarray] = None) -> np.ndarray:
+    """Non-negative coefficients minimising sum(weight * (X c / y - 1)^2)."""
+    w = np.sqrt(weight if weight is not None else np.ones(len(y)))
+    coef, _ = nnls(X / y[:, None] * w[:, None], w)
     return coef
 
 
@@ -127,17 +131,19 @@ def between_squares(run: Dict) -> float:
 
 
 def fit(runs: List[Dict], dtype: str) -> Tuple[Dict[str, float], Dict]:
-    X, y, reads, writes, gaps = [], [], [], [], []
+    X, y, share, reads, writes, gaps = [], [], [], [], [], []
     for r in runs:
-        f, t, d = groups(r)
+        f, t, n, d = groups(r)
         X += f
         y += t
+        total = sum(a * b for a, b in zip(t, n))
+        share += [a * b / total for a, b in zip(t, n)]  # each run's time, split by where it goes
         reads += d["read"]
         writes += d["write"]
         if not any("disk" in getattr(e, "link", "") for e in r["events"]):  # in memory: no waits for I/O
             gaps.append(between_squares(r))
     X, y = np.array(X), np.array(y)
-    c = fit_relative(X, y)
+    c = fit_relative(X, y, np.array(share))  # the shapes a run spends its time in weigh the most
     out = {}
     names = {"device_flops": f"device_flops_{dtype}", "device_bmm_flops": f"device_bmm_flops_{dtype}",
              "device_mm_bw": f"device_mm_bw_{dtype}", "device_flops_decode": f"device_flops_decode_{dtype}",

@@ -90,6 +90,7 @@ class ExecutorConfig:
     pin_weight: bool = True  # CUDA: host-tier weights in pinned memory (async host -> GPU copies)
     staging_buffers: int = 2  # CUDA: pinned buffers for disk -> GPU copies (reused; bounded memory)
     staging_bytes: str = "64MiB"  # CUDA: size of each staging buffer
+    keep_freed_memory: bool = True  # CPU (glibc): reuse freed heap memory, no mmap + page faults per tensor
 
 
 @dataclass

@@ -95,7 +95,8 @@ class CostModel:
         """Seconds of one square by part: matmul, attention (where it runs), dequant, overhead.
         kv_dense: dense bytes of the cache positions decode attention reads (prefix + new slice)."""
         dt, mm = self.dtype, a["flops"] - attn_flops
-        out = {"overhead": self.opt("compute_overhead_s") + (self.opt("attn_overhead_s") if a["kind"] == "attn" else 0)}
+        extra = self.opt("attn_overhead_s") if a["kind"] == "attn" else 0.0
+        out = {"overhead": self.opt("compute_overhead_s") + extra}
         if a["step_kind"] == "prefill":
             # the head only reads the last position: one row per sequence, priced like decode; a
             # fitted profile also streams every matmul square's weights once (small prompts)

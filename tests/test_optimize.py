@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from graphgen.config import compose, parse_bytes
-from graphgen.optimize import (FRACTIONS, Knobs, NoFit, Problem, compile_policy, memory_rows, optimize,
-                               policy_for, solve_lp)
+from graphgen.optimize import NoFit, compile_policy, optimize, policy_for
+from graphgen.policy_lp import FRACTIONS, Knobs, Problem, memory_rows, solve_lp
 
 # a small OPT: 4 blocks of 0.2 MB (float32) and 0.15 MB of embeddings: 0.9 MB of weights
 TINY = {"model_type": "opt", "vocab_size": 64, "hidden_size": 64, "num_hidden_layers": 4, "ffn_dim": 256,
@@ -45,12 +45,16 @@ def test_returned_policy_fits_its_budgets(device, host):
 
 
 def test_lp_solution_satisfies_its_constraints():
-    cfg = tiny_cfg("0.5MB", "0.6MB")
+    cfg = tiny_cfg("0.8MB", "0.6MB")
     P = Problem(cfg, PROFILE)
     budgets = {t: float(v) for t, v in P.budgets.items()}
-    for kn in (Knobs(1, 1, False, False), Knobs(4, 2, True, False), Knobs(8, 4, True, True)):
+    solved = 0
+    knobs = (Knobs(1, 1, False, False), Knobs(4, 2, True, False), Knobs(2, 3, False, False), Knobs(64, 8, False, False))
+    for kn in knobs:
         r = solve_lp(P, kn, budgets)
-        assert r is not None
+        if r is None:  # infeasible for these budgets
+            continue
+        solved += 1
         percent = np.array(r[0]) / 100
         x = dict(zip(FRACTIONS, [percent[0], percent[1], 1 - percent[0] - percent[1], percent[2], percent[3],
                                  1 - percent[2] - percent[3], percent[4], percent[5], 1 - percent[4] - percent[5]]))
@@ -58,6 +62,7 @@ def test_lp_solution_satisfies_its_constraints():
             used = expr.get(None, 0.0) + sum(c * x[v] for v, c in expr.items() if v is not None)
             limit = P.pinned if tier == "pinned" else budgets[tier]
             assert used <= limit * 1.001 + 1e3, (kn, tier, used, limit)  # 0.1% steps of the percents
+    assert solved >= 3
 
 
 def test_pinned_memory_limits_host_weights():
