@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,18 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import drop_page_cache  # noqa: E402
 from graphgen import LLM  # noqa: E402
-
-
-def drop_page_cache() -> str:
-    """Flush dirty pages and drop the page cache; says whether it could."""
-    subprocess.run(["sync"], check=False)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return "dropped"
-    except OSError as e:
-        return f"not dropped ({e.strerror})"
 
 
 def run(args, extra):
