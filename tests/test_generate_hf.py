@@ -93,3 +93,19 @@ def test_logprobs_and_per_prompt_seeds(opt_ckpt, offload_dir):
         a = llm.generate(ids, mask, seed=[11, 12, 13, 14], **kw)
         b = llm.generate(ids[[2, 3, 0, 1]], mask[[2, 3, 0, 1]], seed=[13, 14, 11, 12], **kw)
         assert torch.equal(a[[2, 3, 0, 1]], b)  # rows keep their samples whichever block they are in
+
+
+def test_sampling_with_a_seed_repeats_across_schedules_and_placements(opt_ckpt, offload_dir):
+    """Sampling depends on (seed, block, batch, step), never on the order squares run in."""
+    path, _ = opt_ckpt
+    ids, mask = left_padded_batch(5)
+    outs = []
+    for sched, pct, cpu in [("row", PLACEMENTS["all-device"], "false"), ("zigzag", PLACEMENTS["all-disk"], "true"),
+                            ("zigzag", PLACEMENTS["mixed"], "false")]:
+        with LLM(str(path), [f"schedule={sched}", f"policy.percent={pct}", f"policy.cpu_attention={cpu}",
+                             "model.dtype=float32", "policy.gpu_batch_size=2", "policy.num_gpu_batches=3",
+                             f"hardware.offload_dir={offload_dir}"]) as llm:
+            outs.append(llm.generate(ids, mask, max_new_tokens=6, do_sample=True, temperature=1.3, top_k=20,
+                                     top_p=0.95, seed=5))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert len(set(outs[0][:, 7:].flatten().tolist())) > 3  # it really sampled
