@@ -58,7 +58,7 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
 
 
-def matmul_peak(dtype=torch.bfloat16, device="cpu", reps: int = 5, shapes=((4096, 4096, 4096),
+def matmul_peak(dtype=torch.bfloat16, device="cpu", reps: int = 8, shapes=((4096, 4096, 4096),
                                                                            (2048, 2048, 8192))) -> float:
     """Best FLOP/s of [M, K] x [K, N] matmuls in `dtype`: the machine's measured peak."""
     best = 0.0

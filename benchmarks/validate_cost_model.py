@@ -5,7 +5,8 @@ workload; it is run with the real engine (LLM.generate, executor=async, dummy bf
 cache dropped first), best of --repeats after a short warm-up, and predicted by the cost model on
 hardware=auto's profile, fitted to probe runs first (graphgen.calibrate; --calibrate each: before
 every case, as the load of a shared machine drifts). Prints measured and predicted
-prefill / decode / total throughput and the error of the total.
+prefill / decode / total throughput, the error of the total, and the spread of the repeats (1 -
+slowest / fastest: the noise of a shared machine).
 Part 2 (--auto): for one model and tier budgets, every policy of a hand-written grid and the one
 policy=auto picks are simulated, and the grid's best few and auto's pick are measured.
 
@@ -80,7 +81,9 @@ def measure(cfg, repeats: int, breakdown: bool = False):
                 st["events"] = llm.executor.trace.events[n_ev:]
             runs.append(st)
         graph = llm.graph
-    return max(runs, key=lambda s: s["total_tok_s"]), graph
+    best = max(runs, key=lambda s: s["total_tok_s"])
+    best["spread"] = 1 - min(r["total_tok_s"] for r in runs) / best["total_tok_s"]  # how noisy the repeats were
+    return best, graph
 
 
 def row(name: str, what: str, st: Dict, pr) -> str:
@@ -90,11 +93,11 @@ def row(name: str, what: str, st: Dict, pr) -> str:
     err = pred["total"] / st["total_tok_s"] - 1
     return (f"{name:<16} {what[:38]:<38} {st['prefill_tok_s']:8.1f} {pred['prefill']:8.1f}   "
             f"{st['decode_tok_s']:7.2f} {pred['decode']:7.2f}   {st['total_tok_s']:7.2f} {pred['total']:7.2f}  "
-            f"{err:+6.1%}   {pr.bottleneck}")
+            f"{err:+6.1%}  {st['spread']:6.0%}   {pr.bottleneck}")
 
 
 HEADER = (f"{'case':<16} {'placement':<38} {'prefill tok/s':>17}   {'decode tok/s':>15}   "
-          f"{'total tok/s':>15}  {'error':>6}   predicted bottleneck\n{'':<55}{'meas':>8} {'pred':>8}   "
+          f"{'total tok/s':>15}  {'error':>6}  {'spread':>6}   predicted bottleneck\n{'':<55}{'meas':>8} {'pred':>8}   "
           f"{'meas':>7} {'pred':>7}   {'meas':>7} {'pred':>7}")
 
 
