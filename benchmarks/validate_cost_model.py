@@ -147,8 +147,8 @@ AUTO_BASE = ["model=opt-1.3b", "workload.prompt_len=64", "workload.gen_len=16", 
 
 def grid() -> List[List[str]]:
     """Hand-written policies a user would try for the budget: placements x batch shapes x CPU attention."""
-    placements = ["[0,100,0,100,100,0]", "[20,80,0,100,100,0]", "[0,60,0,100,100,0]", "[0,50,0,50,100,0]",
-                  "[0,50,0,0,100,0]", "[30,40,0,50,100,0]"]
+    placements = ["[0,100,0,100,100,0]", "[20,80,0,100,100,0]", "[40,60,0,100,100,0]", "[50,50,0,50,100,0]",
+                  "[0,60,0,100,100,0]", "[0,50,0,50,100,0]", "[0,50,0,0,100,0]", "[30,40,0,50,100,0]"]
     shapes = [(4, 1), (8, 1), (8, 2), (16, 1), (16, 2), (32, 1)]
     out = []
     for pl in placements:

@@ -89,6 +89,13 @@ class CostModel:
         """An optional refinement: its value, or `default` where the profile does not have it."""
         return float(self.p.get(key) or default)
 
+    def disk_latency(self, write: bool = False) -> float:
+        """Seconds per disk request; writes have their own where calibration fitted them (the
+        cache's small slice writes go through the page cache, reads bypass it)."""
+        if write and self.p.get("disk_write_latency_s") is not None:
+            return float(self.p["disk_write_latency_s"])
+        return self.opt("disk_latency_s")
+
     # --- compute ------------------------------------------------------------------------------
     def compute_parts(self, a: dict, attn_flops: float, kv_dense: int = 0, batch: int = 64,
                       hidden: int = 4096) -> Dict[str, float]:
@@ -156,7 +163,7 @@ class CostModel:
         t = 0.0
         if "disk" in (src, dst):
             key = "disk_read_bw" if src == "disk" else ("disk_write_cache_bw" if cache else "disk_write_bw")
-            t += nbytes / self.rate(key, "disk_write_bw") + self.opt("disk_latency_s")
+            t += nbytes / self.rate(key, "disk_write_bw") + self.disk_latency(write=src != "disk")
         if "device" in (src, dst) and not self.same_memory:  # PCIe
             t += nbytes / (self.rate("h2d_bw") if dst == "device" else
                            self.rate("d2h_cache_bw", "d2h_bw") if cache else self.rate("d2h_bw"))

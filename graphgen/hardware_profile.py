@@ -77,6 +77,8 @@ PROFILE_KEYS: Dict[str, str] = {
     # optional refinements, present in published profiles only; consumers fall back to the key in ()
     "d2h_cache_bw": "optional: device -> host copy of KV cache slices, slower than whole "
                     "activations (bytes/s; FlexGen gtoc_bdw_cache; else d2h_bw)",
+    "disk_write_latency_s": "optional: seconds per disk write request, fitted by graphgen.calibrate "
+                            "(the cache's slice writes are buffered; else disk_latency_s)",
     "disk_write_cache_bw": "optional: host -> disk write of prefill KV cache "
                            "(bytes/s; FlexGen ctod_bdw_cache_p; else disk_write_bw)",
     "cpu_attn_c1": "optional: FlexGen's fitted correction of cpu_attn_bw for small GPU batches gbs and "
@@ -265,11 +267,13 @@ def square_overhead_s(device: torch.device, dtype: torch.dtype, repeats: int = 5
 
 
 def dequant_bw(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """Dense bytes/s of dequantising an (n, n) 4-bit group-wise (64) weight into `dtype`."""
+    """Dense bytes/s of dequantising an (n, n) 4-bit group-wise (64) weight into `dtype`, into a
+    reused buffer as the executors do (a fresh one would time the page faults of its allocation)."""
     from executors.quant import dequantize, quantize
 
     q = quantize(_filled((n, n), torch.float32, device), 4, 64, -1)
-    return n * n * torch.finfo(dtype).bits // 8 / _bench(lambda: dequantize(q, dtype), _sync_fn(device), repeats)
+    out = torch.empty((n, n), dtype=dtype, device=device)
+    return n * n * torch.finfo(dtype).bits // 8 / _bench(lambda: dequantize(q, out=out), _sync_fn(device), repeats)
 
 
 def executor_profile(device: torch.device, shapes: Shapes, quick: bool, repeats: int) -> Dict[str, float]:

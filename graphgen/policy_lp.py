@@ -90,7 +90,8 @@ class Problem:
         self.dr = 1 / m.rate("disk_read_bw")
         self.dw, self.dw_kv = 1 / m.rate("disk_write_bw"), 1 / m.rate("disk_write_cache_bw", "disk_write_bw")
         self.dequant = 1 / profile["dequant_bw"] if profile.get("dequant_bw") else 0.0
-        self.latency = m.opt("disk_latency_s")  # per disk request
+        self.latency = m.disk_latency()  # per disk request
+        self.wlatency = m.disk_latency(write=True)
         self._layers: Dict[Tuple[int, bool], Dict] = {}
 
     def shape(self, gbs: int) -> Shape:
@@ -167,13 +168,13 @@ def stream_times(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Tuple
                 0.0 if host_attn else rd * P.h2d)
         wr = nb * a["kv_write"]
         d2h = 0.0 if host_attn else P.d2h_kv
-        store = var("cc") * (wr * d2h) + var("cn") * (wr * (d2h + P.dw_kv) + nb * lat)
+        store = var("cc") * (wr * d2h) + var("cn") * (wr * (d2h + P.dw_kv) + nb * P.wlatency)
     if kind != "embed":  # the activation in, from its home
         load = load + var("hc") * (nb * a["act_in"] * P.h2d) + var("hn") * (
             nb * a["act_in"] * (P.dr + P.h2d) + nb * lat)
     if kind != "head":
         out = nb * a["act_bytes"]
-        store = store + var("hc") * (out * P.d2h) + var("hn") * (out * (P.d2h + P.dw) + nb * lat)
+        store = store + var("hc") * (out * P.d2h) + var("hn") * (out * (P.d2h + P.dw) + nb * P.wlatency)
     return load, compute, store
 
 
