@@ -232,13 +232,8 @@ class Executor:
     def load(self, node, b) -> None:
         src, dst = self.tiers[b["src"]], self.tiers[b["dst"]]
         kind = b["tensor"][0]
-        if kind == "w":
+        if kind == "w":  # compressed weights arrive compressed: the first square using them dequantises
             value = src.get_to(b["tensor"], dst.device)
-            comp = self.A[b["square"]].get("w_compressed")
-            if comp:  # one dequantised copy serves the whole run of squares reading w_buf
-                t0 = time.perf_counter()
-                value = cq.dequantize_layer(self.spec.layers[b["tensor"][1]], value, comp, self.dtype, self.work)
-                self.stats["dequantize_s"] = self.stats.get("dequantize_s", 0.0) + time.perf_counter() - t0
         elif kind == "kv":
             sq = self.A[b["square"]]
             value = cq.read_prefix(src, b["tensor"], sq["ctx"] - sq["s"], sq.get("kv_compressed"))
@@ -265,6 +260,8 @@ class Executor:
         i, j, k = n
         dev = self.tiers["device"]
         w = dev.get(a["w_buf"]) if a["w_buf"] else self.tiers[a["w_home"]].get(("w", j))
+        if a.get("w_dequant"):  # the first square of a run of the layer: one dense copy serves the run
+            w = self.dequantize_weights(a["w_buf"], j, a["w_compressed"])
         L, s = a["ctx"], a["s"]
         pos = positions_from_mask(self.state.mask[k][:, :L])[:, L - s:]
         kind = a["kind"]
@@ -285,6 +282,16 @@ class Executor:
             value = self.tiers[tier].pop(buf)
             if kind == "w" and a.get("w_compressed") and self.work is not None:  # its buffers serve again
                 self.work.give(cq.dequantized(self.spec.layers[j], value))
+
+    def dequantize_weights(self, buf, j: int, comp) -> dict:
+        """The compressed layer j in the device tier's w_buf -> its dense working copy, in place of
+        it. On the compute stream, just before use: the load stream meanwhile reads the next layer."""
+        t0 = time.perf_counter()
+        dev = self.tiers["device"]
+        dense = cq.dequantize_layer(self.spec.layers[j], dev.get(buf), comp, self.dtype, self.work)
+        dev.put(buf, dense)  # replaces the compressed parts
+        self.stats["dequantize_s"] = self.stats.get("dequantize_s", 0.0) + time.perf_counter() - t0
+        return dense
 
     def attention(self, n, a, w, h, pos) -> torch.Tensor:
         """Projections on the device; the core where the cache is read (device or host)."""

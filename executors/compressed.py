@@ -5,8 +5,10 @@ A QTensor (executors/quant.py) lives in a tier as its three plain tensors, so ev
 - a layer's weights: {name: tensor}, each quantised matrix as name@data, name@mins, name@scales;
 - a KV cache [2, S_max, B, nkv, d]: three caches under key + (part,), each [2, S_max, ...]
   (grouped along a non-sequence dim), read by prefix and written by slice like a dense one.
-Dequantisation runs on the compute device: a layer's weights once per run of squares (the
-load that fills the working copy w_buf), the cache prefix inside attention.
+Dequantisation runs on the compute device, on the compute stream: a layer's weights once per run
+of squares (its first square turns the compressed parts its load put in w_buf into the dense
+working copy the run shares, while the load stream reads the next layer), the cache prefix inside
+attention.
 `comp` is a square's w_compressed / kv_compressed: (bits, group_size, group_dim) or None.
 """
 from __future__ import annotations

@@ -8,7 +8,8 @@ Each op gets a duration from the profile (keys in graphgen.hardware_profile.PROF
   dequantised at dequant_bw; plus compute_overhead_s per square (kernel launches, dispatch);
 - a load or store: bytes / the bandwidth of each link it crosses (disk then PCIe; free between
   device and host when they are the same memory, as on a CPU-only machine) + disk_latency_s per
-  disk request; compressed weights are dequantised on the device by the load.
+  disk request; compressed weights move compressed and are dequantised on the device by the
+  first square that uses them (w_dequant).
 Overlap is the async executor's (executors/async_streams.py), from its own dependency plan:
 three streams run their ops in schedule order; an op starts when its producers have finished;
 a load also waits for the compute of the slot before its own, a compute for the stores STORE_LAG
@@ -104,6 +105,8 @@ class CostModel:
         dt, mm = self.dtype, a["flops"] - attn_flops
         extra = self.opt("attn_overhead_s") if a["kind"] == "attn" else 0.0
         out = {"overhead": self.opt("compute_overhead_s") + extra}
+        if a.get("w_dequant") and self.p.get("dequant_bw"):  # first square of a run: dense working copy
+            out["dequant"] = a["w_dequant"] / self.p["dequant_bw"]
         if a["step_kind"] == "prefill":
             # the head only reads the last position: one row per sequence, priced like decode; a
             # fitted profile also streams every matmul square's weights once (small prompts)
@@ -118,7 +121,7 @@ class CostModel:
             dense = kv_dense or a["kv_read"] + a["kv_write"]
             out[f"attention ({where})"] = dense / self.attention_bw(where, batch, hidden)
             if a.get("kv_compressed") and self.p.get("dequant_bw"):
-                out["dequant"] = dense / self.p["dequant_bw"]
+                out["dequant"] = out.get("dequant", 0.0) + dense / self.p["dequant_bw"]
         return out
 
     def compute_s(self, a: dict, attn_flops: float, kv_dense: int = 0, batch: int = 64,
@@ -170,12 +173,9 @@ class CostModel:
         return t
 
     def io_s(self, b: dict) -> float:
-        """A load or store op: its link, plus dequantising compressed weights into the working copy."""
-        t = self.link_s(b["src"], b["dst"], b["bytes"], cache=b["tensor"][0] == "kv")
-        held = b.get("held", b["bytes"])
-        if held != b["bytes"] and self.p.get("dequant_bw"):
-            t += held / self.p["dequant_bw"]
-        return t
+        """A load or store op: its link (compressed weights move compressed; the square that uses
+        them first dequantises them, see compute_parts)."""
+        return self.link_s(b["src"], b["dst"], b["bytes"], cache=b["tensor"][0] == "kv")
 
 
 def attention_flops(graph, a: dict) -> float:

@@ -13,6 +13,7 @@ graphgen.costs; on a GPU, host weights must also fit the pinned-memory limit.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -87,6 +88,7 @@ class Problem:
         self.h2d = 0.0 if same else 1 / m.rate("h2d_bw")
         self.d2h = 0.0 if same else 1 / m.rate("d2h_bw")
         self.d2h_kv = 0.0 if same else 1 / m.rate("d2h_cache_bw", "d2h_bw")
+        self.same_memory = same
         self.dr = 1 / m.rate("disk_read_bw")
         self.dw, self.dw_kv = 1 / m.rate("disk_write_bw"), 1 / m.rate("disk_write_cache_bw", "disk_write_bw")
         self.dequant = 1 / profile["dequant_bw"] if profile.get("dequant_bw") else 0.0
@@ -154,12 +156,12 @@ def stream_times(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Tuple
     w_loads = 1 if P.cfg.schedule.name == "zigzag" else nb  # zig-zag: one weight load per layer and step
     w, lat = nxt["w_bytes"] * w_loads, P.latency  # a fraction on disk = that share of the ops go to disk
     load = var("wc") * (w * P.h2d) + var("wn") * (w * (P.dr + P.h2d) + w_loads * lat)
-    if kn.compress:  # every layer's weights are dequantised into a working copy by their load
-        load = load + const(w_loads * nxt["w_dense"] * P.dequant)
     host_attn = kn.cpu_attention and phase == "decode" and kind == "attn"
     dev_attn, cpu_attn = _attention(P, a, kn)
     compute = const(nb * (dev_attn["base"])) + (var("cg") + (var("cc", "cn") * (0.0 if host_attn else 1.0))) * (
         nb * dev_attn["attn"]) + var("cc", "cn") * (nb * cpu_attn["attn"] if host_attn else 0.0)
+    if kn.compress:  # the layer's first square dequantises its weights into the working copy
+        compute = compute + const(w_loads * a["w_dense"] * P.dequant)
     store = Lin()
     if kind == "attn":
         if phase == "decode":
@@ -247,12 +249,14 @@ def solve_lp(P: Problem, kn: Knobs, budgets: Dict[str, float]) -> Optional[Tuple
         b_ub.append(bound - expr.get(None, 0.0))
 
     c = np.zeros(len(names))
+    moves = _moves_view(P)
     for k in P.kinds:
         for ph in PHASES:
             weight = P.count[k] * (1 if ph == "prefill" else P.n - 1)
             load, compute, store = stream_times(P, L, kn, k, ph)
             for expr in (load, compute, store):
                 le(expr + var(f"T_{k}_{ph}") * -1.0, 0.0)
+            load, _, store = stream_times(moves, L, kn, k, ph)
             for v, coef in (load + store).items():  # tie-break: of equally fast placements, the one
                 if v is not None:                    # that moves the fewest bytes (the LP is degenerate)
                     c[idx[v]] += TIE * weight * coef
@@ -272,6 +276,18 @@ def solve_lp(P: Problem, kn: Knobs, budgets: Dict[str, float]) -> Optional[Tuple
     block_s = sum(x[f"T_{k}_{ph}"] * P.count[k] * (1 if ph == "prefill" else P.n - 1)
                   for k in P.kinds for ph in PHASES)
     return _percent(x), tok_s(P, kn, block_s)
+
+
+def _moves_view(P: Problem) -> Problem:
+    """P for the tie-break: where device and host are one memory (a CPU-only machine) a move
+    between them costs no time in the model, but it is still an op and a hand-off between streams
+    that gains nothing, so the tie-break prices it at memcpy speed (the difference measured here,
+    activations homed on the host vs the device, was within the machine's +-12% noise)."""
+    if not P.same_memory:
+        return P
+    view = copy.copy(P)
+    view.h2d = view.d2h = view.d2h_kv = 1 / P.model.rate("host_memcpy_bw")
+    return view
 
 
 def _percent(x: Dict[str, float]) -> List[float]:

@@ -5,6 +5,7 @@ provides: on squares: slot (= order), w_buf, kv_buf, act_in (working-copy keys, 
           frees: [(buf, tier, kind, bytes)] working copies dropped after the square (last use);
           I/O nodes with op (load | store), tensor, buf, src, dst, bytes (over the link), slot, phase,
           square; weight loads also held (bytes kept at dst: the dequantised copy when compressed);
+          w_dequant on the square that dequantises a compressed load (dense bytes it makes);
           graph.graph["ops"]: every node in execution order (the flat schedule executors run).
 Within a slot t: loads issued at t (for squares t..t+prefetch), compute t, stores of t, then t's frees.
 A load never goes earlier than the slot after its producer stored the data.
@@ -75,10 +76,13 @@ def _weights(io, run_start, last, n, a, prefetch):
         a["w_buf"] = None
         return
     # compressed weights (passes/compress.py): the load moves the compressed bytes (none when they
-    # live on the device) and dequantises them into w_buf, which holds w_work_bytes for the run
+    # live on the device) into w_buf; the run's first square dequantises them there (w_dequant), and
+    # w_buf then holds w_work_bytes for the rest of the run
     held = a.get("w_work_bytes", a["w_bytes"])
     a["w_buf"] = ("w", j, run_start)
     if run_start == a["order"]:
+        if a.get("w_compressed"):  # the run's first square dequantises (on the compute stream)
+            a["w_dequant"] = held
         moved = a["w_bytes"] if a["w_home"] != "device" else 0
         io.io(("load",) + a["w_buf"], n, op="load", tensor=("w", j), buf=a["w_buf"], src=a["w_home"],
             dst="device", bytes=moved, held=held, slot=max(0, a["order"] - prefetch), phase=LOAD)
