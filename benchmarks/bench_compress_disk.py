@@ -1,8 +1,8 @@
 """Weights on disk, bfloat16 vs 4-bit (policy.compress_weight.bits=4), side by side.
 
 Every token pass (the prefill and each decode step) reads all the weights from the offload
-dir; 4-bit weights read ~28% of the bytes and are dequantised once per layer per pass (the
-zig-zag block shares the copy across its GPU batches). With a small batch the run is
+dir; 4-bit weights read ~28% of the bytes and are dequantised once per layer per pass, on the
+compute stream (the zig-zag block shares the copy across its GPU batches). With a small batch the run is
 I/O-bound, so throughput should rise about as much as the bytes fall, less the dequantisation.
 The page cache is dropped before each run (root only) and the disk tier reads with O_DIRECT
 where the filesystem allows it, so "disk" means the disk.
@@ -73,9 +73,13 @@ def main() -> None:
     line("total tok/s (FlexGen's metric)", [s["total_tok_s"] for s in st], ".2f")
     line("disk GB/s over the run", [r / (s["prefill_s"] + s["decode_s"]) / 1e9 for r, s in zip(read, st)], ".3f")
     busy = [s.get("stream_busy_s", {}) for s in st]
-    line("load stream busy s (read + dequant)", [b.get("load", 0.0) for b in busy], ".2f")
-    line("  of which dequantising s", [s["dequantize_s"] for s in st], ".2f", ratio=False)
+    line("load stream busy s (disk reads)", [b.get("load", 0.0) for b in busy], ".2f")
     line("compute stream busy s", [b.get("compute", 0.0) for b in busy], ".2f")
+    line("  of which dequantising s", [s["dequantize_s"] for s in st], ".2f", ratio=False)
+    tokens = 2 * args.batch * args.gen
+    bound = [tokens / max(b.get("load", 0.0), b.get("compute", 0.0)) for b in busy]
+    line("bound: tokens / busier stream, tok/s", bound, ".2f")
+    line("fraction of the bound reached", [s["total_tok_s"] / b for s, b in zip(st, bound)], ".2f", ratio=False)
     line("setup s (place, quantise weights)", [setup for _, setup, _ in rows.values()], ".1f")
     print("page cache: " + ", ".join(f"{name} {note}" for name, (_, _, note) in rows.items()))
 
