@@ -172,7 +172,8 @@ def graphgen_config(args, ckpt: Path, nb: int, budget, in_ram: bool = False):
     cfg = compose(overrides(args, ckpt, 100, nb, budget))
     if not in_ram:
         spec = build_spec(hf_config_from_dir(ckpt))
-        cfg.policy.weight_overrides = interleaved([layer.numel for layer in spec.layers], args.disk_fraction)
+        share = args.gg_disk_fraction if args.gg_disk_fraction is not None else args.disk_fraction
+        cfg.policy.weight_overrides = interleaved([layer.numel for layer in spec.layers], share)
     return cfg
 
 
@@ -251,12 +252,15 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--disk-fraction", type=float, default=0.5, help="share of the weights on disk (>= 0.5)")
+    ap.add_argument("--gg-disk-fraction", type=float, default=None,
+                    help="graphgen's share of the weights on disk (default: --disk-fraction); more on disk "
+                         "leaves more of the same RAM budget to the KV cache, hence a larger batch")
     ap.add_argument("--work-mem", default="1GB", help="RAM beyond the RAM share of the weights, for both")
     ap.add_argument("--hf-batches", default="1,4,16,32,48")
     ap.add_argument("--gbs", type=int, default=16, help="graphgen GPU batch size")
     ap.add_argument("--max-batches", type=int, default=8, help="most GPU batches per zig-zag block tried")
     ap.add_argument("--executor", default="async")
-    ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--prefetch", type=int, default=4, help="squares ahead (4 = two layers of a 2-batch block: a disk layer is read during the two layers before it)")
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--hf-page-cache", choices=["drop", "keep"], default="drop",
                     help="drop: checkpoint pages dropped before each HF forward (honest disk); keep: page cache allowed")
@@ -283,6 +287,11 @@ def main() -> None:
           f"{disk_bw / 1e9:.2f} GB/s (cold O_DIRECT, {args.io_threads} threads)")
     print(f"RAM budget {budget / 1e9:.2f} GB = weights in RAM {ram_w / 1e9:.2f} GB + --work-mem {args.work_mem}",
           flush=True)
+    if args.gg_disk_fraction is not None:
+        if args.gg_disk_fraction < args.disk_fraction:
+            raise SystemExit("--gg-disk-fraction must be >= --disk-fraction (the budget forces that share to disk)")
+        print(f"graphgen puts {args.gg_disk_fraction:.0%} of the weights on disk (same RAM budget; the rest "
+              f"goes to the KV cache: a larger batch)", flush=True)
     hf = []
     if not args.skip_hf:
         for b in parse_ints(args.hf_batches):
