@@ -72,6 +72,28 @@ def test_device_weights_stay_compressed_and_dequantise_once_per_run():
     assert all(b["src"] == "device" and b["bytes"] == 0 for b in loads)  # nothing moves; dequantise
 
 
+def test_first_square_of_each_run_dequantises_and_the_cost_model_prices_it_there():
+    g, _ = compiled([W4, "schedule=zigzag", ALL_HOST])  # zig-zag: a run is one layer over the GPU batches
+    squares = [n for n in g.graph["ops"] if "kind" in g.nodes[n]]
+    first = {}
+    for n in squares:  # schedule order: the first square reading each working copy
+        first.setdefault(g.nodes[n]["w_buf"], n)
+    assert {n for n in squares if g.nodes[n].get("w_dequant")} == set(first.values())
+    for n in first.values():
+        assert g.nodes[n]["w_dequant"] == g.nodes[n]["w_work_bytes"]
+    from graphgen.costmodel import CostModel
+
+    model = CostModel({"dequant_bw": 1e9, "device_flops_float32": 1e12, "h2d_bw": 1e10, "d2h_bw": 1e10,
+                       "device_is_host": 0.0}, "float32", "cuda")
+    n = next(iter(first.values()))
+    load = next(g.nodes[m] for m in g.predecessors(n) if g.nodes[m].get("op") == "load")
+    assert model.io_s(load) == pytest.approx(load["bytes"] / 1e10)  # the link only: moved compressed
+    parts = model.compute_parts(g.nodes[n], 0.0)
+    assert parts["dequant"] == pytest.approx(g.nodes[n]["w_work_bytes"] / 1e9)
+    later = next(m for m in squares if g.nodes[m]["w_buf"] == g.nodes[n]["w_buf"] and m != n)
+    assert "dequant" not in model.compute_parts(g.nodes[later], 0.0)
+
+
 def wide(overrides):
     """A tiny OPT whose rows fill 64-value groups, bfloat16: weights shrink to ~28%."""
     cfg = compose(list(overrides))

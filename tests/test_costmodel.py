@@ -100,3 +100,11 @@ def test_fit_recovers_known_constants():
     X[:, 0] = 1
     c = np.array([1e-3, 1 / 2e11, 1 / 5e9, 1 / 1e9])
     assert fit_relative(X, X @ c) == pytest.approx(c, rel=1e-6)
+
+
+def test_writes_have_their_own_disk_latency_when_calibrated():
+    base = {"disk_read_bw": 1e9, "disk_write_bw": 1e9, "disk_latency_s": 0.004, "device_is_host": 1.0}
+    m = CostModel(dict(base, disk_write_latency_s=0.0003), "bfloat16", "cpu")
+    assert m.link_s("disk", "host", 10**6) == pytest.approx(1e-3 + 0.004)  # reads: O_DIRECT requests
+    assert m.link_s("host", "disk", 10**6) == pytest.approx(1e-3 + 0.0003)  # writes: buffered slices
+    assert CostModel(base, "bfloat16", "cpu").link_s("host", "disk", 10**6) == pytest.approx(1e-3 + 0.004)
