@@ -160,10 +160,10 @@ def drop_page_cache() -> str:
 
 
 def free(*objs) -> None:
-    """Drop objects and hand freed heap memory back to the OS (glibc malloc_trim), so the next run's
-    memory is measured from a clean base."""
-    for o in objs:
-        del o
+    """Collect what the caller no longer references (objs: the last references it hands over) and
+    give freed heap memory back to the OS (glibc malloc_trim), so the next run's memory is
+    measured from a clean base."""
+    del objs
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -256,7 +256,8 @@ def solve_lp(P: Problem, kn: Knobs, budgets: Dict[str, float]) -> Optional[Tuple
             load, compute, store = stream_times(P, L, kn, k, ph)
             for expr in (load, compute, store):
                 le(expr + var(f"T_{k}_{ph}") * -1.0, 0.0)
-            load, _, store = stream_times(moves, L, kn, k, ph)
+            if moves is not P:  # one-memory machine: moves priced for the tie-break only
+                load, _, store = stream_times(moves, L, kn, k, ph)
             for v, coef in (load + store).items():  # tie-break: of equally fast placements, the one
                 if v is not None:                    # that moves the fewest bytes (the LP is degenerate)
                     c[idx[v]] += TIE * weight * coef
