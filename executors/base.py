@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from graphgen.config import Config, tier_budgets
+from graphgen.build import squares
 from graphgen.costs import dtype_of
 from graphgen.models.base import ModelSpec, positions_from_mask
 from graphgen.models.weights import WeightSource
@@ -25,7 +26,7 @@ from graphgen.sampling import Sampling, select_tokens, step_generator, token_log
 
 from . import compressed as cq
 from . import memory
-from .disk import CHUNK, DiskTier, Extent
+from .disk import ALIGN, CHUNK, DiskTier, Extent
 from .tiers import Tier
 from .quant import temp_nbytes
 from .trace import Trace
@@ -148,6 +149,7 @@ class Executor:
         for tier in self.tiers.values():
             for key in [key for key in tier.values if key[0] not in keep]:
                 tier.pop(key)
+        self.tiers["disk"].buffers.clear()
 
     def drop_cache(self) -> None:
         """End a session: free the KV caches kept across blocks."""
@@ -177,6 +179,10 @@ class Executor:
             extra += self.work.cap  # free dequantisation buffers kept for reuse
         if graph.graph.get("peak_bytes", {}).get("disk", 0):
             extra += self.cfg.executor.io_threads * CHUNK
+        if self.device.type == "cpu":  # free buffers of weights read from disk, `keep` per layer size
+            sizes = {a["w_bytes"] for n in squares(graph) for a in [graph.nodes[n]]
+                     if a["w_home"] == "disk" and a["w_bytes"]}
+            extra += self.tiers["disk"].buffers.keep * sum(n + 2 * ALIGN for n in sizes)
         return memory.stated_overhead(planned_ram(graph, self.device), extra)
 
     def _run_block(self, graph, inputs: BlockInputs) -> torch.Tensor:
@@ -192,6 +198,9 @@ class Executor:
         self._bias: Dict = {}  # GPU batch -> (key, attention bias of its current step)
         self._scratch: Dict = {}
         self.alloc_caches(graph)
+        if self.device.type == "cpu":  # weights read from disk reuse freed buffers (stated_overhead)
+            dev = self.tiers["device"]
+            self.tiers["disk"].buffers.room = lambda: dev.budget - dev.used
         self.stats = {"time": defaultdict(float), "bytes": defaultdict(int)}
         try:
             self.run_ops(graph.graph["ops"])
@@ -280,8 +289,19 @@ class Executor:
             dev.put(("act",) + n, out)
         for buf, tier, kind, _ in a["frees"]:
             value = self.tiers[tier].pop(buf)
-            if kind == "w" and a.get("w_compressed") and self.work is not None:  # its buffers serve again
-                self.work.give(cq.dequantized(self.spec.layers[j], value))
+            if kind == "w":
+                self.recycle_weights(j, a, value)
+
+    def recycle_weights(self, j: int, a, value) -> None:
+        """A layer's working copy after its last square: its buffers serve the next loads (CPU)."""
+        work = []
+        if a.get("w_compressed") and self.work is not None:  # the dequantised copy
+            work = cq.dequantized(self.spec.layers[j], value)
+            self.work.give(work)
+        if a["w_home"] == "disk" and self.device.type == "cpu":  # read from disk: nobody else holds it
+            ids = {id(t) for t in work}
+            self.tiers["disk"].buffers.give({n: t for n, t in value.items() if id(t) not in ids}
+                                            if isinstance(value, dict) else value)
 
     def dequantize_weights(self, buf, j: int, comp) -> dict:
         """The compressed layer j in the device tier's w_buf -> its dense working copy, in place of

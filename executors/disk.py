@@ -21,7 +21,8 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from collections import defaultdict
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,12 +61,14 @@ class FileIO:
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="graphgen-io")
         self._stage = threading.local()  # one aligned CHUNK buffer per I/O thread, made on first use
 
-    def read(self, path: str, ranges: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
-        """Bytes [off, off + n) of `path` for each (off, n), as uint8 tensors in aligned memory."""
+    def read(self, path: str, ranges: Sequence[Tuple[int, int]],
+             alloc: Callable[[int], torch.Tensor] = None) -> List[torch.Tensor]:
+        """Bytes [off, off + n) of `path` for each (off, n), as uint8 tensors in aligned memory
+        (from `alloc(nbytes)`, default: fresh)."""
         jobs, outs = [], []
         for off, n in ranges:
             a0 = off // ALIGN * ALIGN
-            buf = aligned_empty(_align(off + n) - a0)
+            buf = (alloc or aligned_empty)(_align(off + n) - a0)
             jobs.append((a0, buf, off + n - a0))
             outs.append(buf[off - a0:off - a0 + n])
         self.read_into(path, jobs)
@@ -111,6 +114,69 @@ class FileIO:
         self.pool.shutdown(wait=True)
 
 
+class ReadBuffers:
+    """Aligned buffers for weights read from disk, reused by the next read of the same size.
+
+    Weights offloaded to disk are read layer after layer into fresh memory and freed after
+    their squares: measured on this 2-core VM (opt-1.3b, weights on disk), the kernel spent
+    ~20 ms of the compute thread per freed 200 MB buffer unmapping it, and the I/O threads
+    faulted and zeroed every page of every new one, which made each decode square 3-4x slower
+    than in memory. A layer's buffer handed back here (give) serves the next read of that size
+    instead. The pool keeps at most `keep` free buffers of each size (layers of one shape share
+    them; with one, 10 of a small test model's 48 reads still missed, with two 3, the first of
+    each size) and never more than `room()` bytes (the device tier's unused budget, set by the
+    executor; 0 by default: nothing is kept); `clear()` returns it all.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self.free: Dict[int, List] = defaultdict(list)  # storage bytes -> untyped storages (none empty)
+        self.pooled = 0
+        self.room: Callable[[], int] = lambda: 0
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> torch.Tensor:
+        """n aligned uint8 bytes: a pooled buffer of this size, else a new one."""
+        size = n + ALIGN  # what aligned_empty allocates
+        with self._lock:
+            if size in self.free:
+                st = self._pop(size)
+                self.hits += 1
+                shift = -st.data_ptr() % ALIGN
+                return torch.empty(0, dtype=torch.uint8).set_(st, shift, (n,), (1,))
+            self.misses += 1
+        return aligned_empty(n)
+
+    def _pop(self, size: int):
+        st = self.free[size].pop()
+        if not self.free[size]:
+            del self.free[size]
+        self.pooled -= size
+        return st
+
+    def give(self, value: Value) -> None:
+        """The buffers of a value read from disk (weights nobody else holds) serve again."""
+        tensors = value.values() if isinstance(value, dict) else [value]
+        seen = set()
+        for t in tensors:
+            if t.device.type != "cpu":
+                continue
+            st = t.untyped_storage()
+            if st.data_ptr() in seen:
+                continue
+            seen.add(st.data_ptr())
+            with self._lock:
+                if len(self.free.get(st.nbytes(), ())) < self.keep and self.pooled + st.nbytes() <= self.room():
+                    self.free[st.nbytes()].append(st)
+                    self.pooled += st.nbytes()
+
+    def clear(self) -> None:
+        with self._lock:
+            self.free.clear()
+            self.pooled = 0
+
+
 class DiskTier(Tier):
     """A tier of files in a private directory of the offload dir, removed on close."""
 
@@ -127,6 +193,7 @@ class DiskTier(Tier):
             raise OSError(e.errno, f"hardware.offload_dir={offload_dir!r} is not writable ({e.strerror}): "
                                    f"set hardware.offload_dir to a writable directory") from None
         self.io = FileIO(io_threads, direct)
+        self.buffers = ReadBuffers()  # weight reads reuse freed buffers (the executor sets its room)
         self.layout: Dict[Hashable, Tuple[bool, List[Extent]]] = {}  # key -> (is a dict, extents)
         self.external: Dict[Hashable, int] = {}  # keys read in place from a checkpoint -> bytes
         self._finalizer = weakref.finalize(self, _cleanup, self.root, made, self.io)
@@ -212,7 +279,7 @@ class DiskTier(Tier):
         for path, es in by_file.items():
             es.sort(key=lambda e: e.offset)
             spans = _merge_spans([(e.offset, e.nbytes) for e in es])
-            bufs = self.io.read(path, spans)
+            bufs = self.io.read(path, spans, self.buffers.take)
             for e in es:
                 s = next(i for i, (o, n) in enumerate(spans) if o <= e.offset < o + n)
                 raw = bufs[s][e.offset - spans[s][0]:e.offset - spans[s][0] + e.nbytes]
@@ -287,6 +354,7 @@ class DiskTier(Tier):
 
     def close(self) -> None:
         super().close()
+        self.buffers.clear()
         self.layout.clear()
         self.external.clear()
         self._finalizer()

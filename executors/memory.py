@@ -10,6 +10,8 @@ What the plan does not count, and a run may use beyond it (the stated overhead):
   float32 and scaled; checkpoint tensors converted), plus its copy in the run dtype;
 - the attention scratch (executor.scratch): the joined K/V of one square at the longest context;
 - disk I/O: one aligned staging chunk per I/O thread (disk.CHUNK each);
+- weights read from disk (CPU): freed read buffers kept for the next read of their size, two
+  per distinct layer size, never past the device budget (disk.ReadBuffers);
 - async executor: the stores of one slot in flight while the next square computes;
 - allocator slack: 5 % of the plan plus 64 MiB (glibc arenas, torch's CPU allocator).
 """

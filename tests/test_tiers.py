@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from executors.disk import CHUNK, DiskFull, DiskTier, Extent, _direct_io_works
+from executors.disk import ALIGN, CHUNK, DiskFull, DiskTier, Extent, ReadBuffers, _direct_io_works
 from executors.tiers import Tier, TierFull
 from graphgen import LLM
 from graphgen.models.base import WeightSpec
@@ -66,6 +66,45 @@ def test_cache_prefix_reads_and_slice_writes_match_memory(disk):
         start += s
         for n in (1, start):
             assert torch.equal(disk.read_prefix(("kv", 1, 0), n), mem.read_prefix(("kv", 1, 0), n))
+
+
+def test_read_buffers_serve_the_next_read_of_their_size_within_room():
+    pool = ReadBuffers(keep=1)  # (the executor keeps 2 per size)
+    a = pool.take(3 * ALIGN)
+    assert a.data_ptr() % ALIGN == 0 and a.numel() == 3 * ALIGN
+    pool.give({"x": a[:ALIGN].view(torch.float32), "y": a[ALIGN:]})
+    assert pool.pooled == 0  # room() is 0 until an executor sets it: nothing kept
+    pool.room = lambda: 10 * ALIGN
+    pool.give({"x": a[:ALIGN].view(torch.float32), "y": a[ALIGN:]})  # one storage, given once
+    assert pool.pooled == 4 * ALIGN
+    b = pool.take(3 * ALIGN)
+    assert b.data_ptr() == a.data_ptr() and pool.pooled == 0 and (pool.hits, pool.misses) == (1, 1)
+    assert pool.take(2 * ALIGN).data_ptr() != a.data_ptr()  # another size: a new buffer
+    pool.give(b)
+    pool.give(ReadBuffers().take(3 * ALIGN))  # a second buffer of a pooled size
+    assert pool.pooled == 4 * ALIGN  # keep=1 per size
+    pool.room = lambda: 5 * ALIGN
+    pool.give(ReadBuffers().take(2 * ALIGN))  # 4 + 3 pages would pass room()
+    assert pool.pooled == 4 * ALIGN
+    pool.clear()
+    assert pool.pooled == 0 and not pool.free
+
+
+def test_weights_read_from_disk_reuse_freed_buffers(opt_ckpt, tmp_path):
+    """A weights-on-disk run reads every layer after the first of each size into a freed buffer,
+    with the same tokens as the reference executor (which frees the same way)."""
+    ids, mask = left_padded_batch(3)
+    ov = ["policy.percent=[0,0,100,0,100,0]", "model.dtype=float32", f"hardware.offload_dir={tmp_path}",
+          "policy.gpu_batch_size=3", "policy.num_gpu_batches=1"]
+    outs = []
+    for ex in ("reference", "async"):
+        with LLM(str(opt_ckpt[0]), ov + [f"executor.name={ex}"]) as llm:
+            outs.append(llm.generate(ids, attention_mask=mask, max_new_tokens=8))
+            pool = llm.executor.tiers["disk"].buffers
+            sizes = {a["w_bytes"] for n, a in llm.graph.nodes(data=True) if "kind" in a and a["w_bytes"]}
+            assert pool.misses <= len(sizes) and pool.hits >= 5 * pool.misses  # only the first of a size
+            assert pool.pooled == 0  # returned at the end of the block
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_in_place_safetensors_read_copies_nothing(tmp_path, disk):
