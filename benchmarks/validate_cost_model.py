@@ -9,7 +9,7 @@ prefill / decode / total throughput, the error of the total, and the spread of t
 slowest / fastest: the noise of a shared machine).
 Part 2 (--auto): for one model and tier budgets, every policy of a hand-written grid and the one
 policy=auto picks are simulated, and the grid's best few and auto's pick are measured, in
-interleaved rounds (best of --repeats each).
+interleaved rounds (--repeats of them; best and median of each policy).
 
     python benchmarks/validate_cost_model.py                  # all cases, then the auto comparison
     python benchmarks/validate_cost_model.py --cases opt-125m-mem --repeats 1 --no-auto
@@ -183,18 +183,20 @@ def compare_auto(repeats: int, measure_top: int) -> None:
     sims.sort(key=lambda x: -x[0])
     print(f"grid: {len(sims)} of {len(grid())} hand-written policies fit; best simulated "
           f"{sims[0][0]:.2f} tok/s ({' '.join(sims[0][1])}); auto simulated {res.best.sim_tok_s:.2f} tok/s")
-    print(f"{'policy':<60} {'predicted':>9} {'measured':>9}  tok/s")
+    print(f"{'policy':<60} {'predicted':>9} {'best':>9} {'median':>9}   measured tok/s, each round")
     rows = [("auto  " + label(policy_for(base, res.best)), res.best.sim_tok_s, policy_for(base, res.best))]
     rows += [("grid  " + label(c), t, c) for t, _, c in sims[:measure_top]]
-    measured = [0.0] * len(rows)
+    runs: List[List[float]] = [[] for _ in rows]
     for _ in range(repeats):  # rounds over all policies: the machine's drift hits each of them alike
         for r, (_, _, cfg) in enumerate(rows):
-            measured[r] = max(measured[r], measure(cfg, 1)[0]["total_tok_s"])
-    for (name, pred, _), m in zip(rows, measured):
-        print(f"{name:<60} {pred:9.2f} {m:9.2f}", flush=True)
-    best_grid = max(measured[1:])
-    print(f"auto measured {measured[0]:.2f} tok/s = {measured[0] / best_grid:.0%} of the best measured grid "
-          f"policy ({best_grid:.2f} tok/s)")
+            runs[r].append(measure(cfg, 1)[0]["total_tok_s"])
+    for (name, pred, _), m in zip(rows, runs):
+        print(f"{name:<60} {pred:9.2f} {max(m):9.2f} {statistics.median(m):9.2f}   "
+              f"({', '.join(f'{x:.2f}' for x in m)})", flush=True)
+    for what, stat in (("best", max), ("median", statistics.median)):
+        auto, grid_best = stat(runs[0]), max(stat(m) for m in runs[1:])
+        print(f"auto {what} {auto:.2f} tok/s = {auto / grid_best:.0%} of the best grid policy's {what} "
+              f"({grid_best:.2f} tok/s)")
 
 
 def recalibrate() -> None:
