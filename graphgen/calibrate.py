@@ -14,8 +14,10 @@ weighted by its share of its run's time:
                   + cache bytes / device_attn_bw | cpu_attn_bw
   disk op     = disk_latency_s + bytes / disk_read_bw (reads)
                 disk_write_latency_s + bytes / disk_write_bw (writes: the cache's slices are buffered)
-plus the executor's time between squares (compute stream wall time not inside any op), added to
-compute_overhead_s. The fitted keys replace the microbenchmarks' in the cached profile of
+plus compute_io_contention seconds per second of disk I/O the trace shows beside the square (on
+a small machine the I/O threads take cores from compute; the overlap is measured, so the fit stays
+linear), plus the executor's time between squares (compute stream wall time not inside any op),
+added to compute_overhead_s. The fitted keys replace the microbenchmarks' in the cached profile of
 hardware=auto (profile key calibrated = 1; meta['calibration'] lists the runs and the fit).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+from bisect import bisect_left
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -98,14 +101,31 @@ def probe(model: str, overrides: Sequence[str], dtype: str, offload_dir: Optiona
                 "name": f"{model} {' '.join(overrides)}"}
 
 
+def disk_overlap(events) -> Dict[int, float]:
+    """Per compute event (by index): seconds of disk I/O (load and store streams) running beside it."""
+    io = sorted((e.start, e.end) for e in events if e.stream in ("load", "store") and "disk" in e.link)
+    starts = [s for s, _ in io]
+    longest = max((b - a for a, b in io), default=0.0)
+    out = {}
+    for n, e in enumerate(events):
+        if e.stream != "compute" or not io:
+            continue
+        lo = bisect_left(starts, e.start - longest)  # no earlier op can reach into this one
+        out[n] = sum(max(0.0, min(e.end, b) - max(e.start, a)) for a, b in io[lo:bisect_left(starts, e.end)])
+    return out
+
+
 def groups(run: Dict) -> Tuple[List, List, List, Dict[str, List]]:
-    """Per square shape: features, the QUANTILE of its durations, its op count; disk ops per direction."""
+    """Per square shape: features (COMPUTE_KEYS, then the disk I/O seconds beside it), the QUANTILE
+    of its durations (and of that I/O), its op count; disk ops per direction."""
     g = run["graph"]
     A = {str(n): a for n, a in g.nodes(data=True)}
     sq: Dict[tuple, List[float]] = defaultdict(list)
+    beside: Dict[tuple, List[float]] = defaultdict(list)
     feats: Dict[tuple, np.ndarray] = {}
     disk: Dict[str, List] = {"read": [], "write": []}
-    for e in run["events"]:
+    overlap = disk_overlap(run["events"])
+    for n, e in enumerate(run["events"]):
         if e.stream not in ("load", "compute", "store"):
             continue
         a = A[e.name]
@@ -114,11 +134,12 @@ def groups(run: Dict) -> Tuple[List, List, List, Dict[str, List]]:
             key = tuple(f)
             feats[key] = f
             sq[key].append(e.end - e.start)
+            beside[key].append(overlap.get(n, 0.0))
         elif "disk" in (a["src"], a["dst"]) and a["bytes"]:
             disk["read" if a["src"] == "disk" else "write"].append((a["bytes"], e.end - e.start))
     keys = sorted(sq)
-    return ([feats[k] for k in keys], [float(np.quantile(sq[k], QUANTILE)) for k in keys],
-            [len(sq[k]) for k in keys], disk)
+    return ([np.append(feats[k], np.quantile(beside[k], QUANTILE)) for k in keys],
+            [float(np.quantile(sq[k], QUANTILE)) for k in keys], [len(sq[k]) for k in keys], disk)
 
 
 def fit_relative(X: np.ndarray, y: np.ndarray, weight: Optional[np.ndarray] = None) -> np.ndarray:
@@ -153,6 +174,7 @@ def fit(runs: List[Dict], dtype: str) -> Tuple[Dict[str, float], Dict]:
     names = {"device_flops": f"device_flops_{dtype}", "device_bmm_flops": f"device_bmm_flops_{dtype}",
              "device_mm_bw": f"device_mm_bw_{dtype}", "device_flops_decode": f"device_flops_decode_{dtype}",
              "device_attn_bw": f"device_attn_bw_{dtype}", "cpu_attn_bw": f"cpu_attn_bw_{dtype}"}
+    out["compute_io_contention"] = float(c[len(COMPUTE_KEYS)])  # seconds per second of disk I/O beside
     for key, v in zip(COMPUTE_KEYS, c):
         if key.endswith("_s"):
             out[key] = float(v)

@@ -13,7 +13,9 @@ Each op gets a duration from the profile (keys in graphgen.hardware_profile.PROF
 Overlap is the async executor's (executors/async_streams.py), from its own dependency plan:
 three streams run their ops in schedule order; an op starts when its producers have finished;
 a load also waits for the compute of the slot before its own, a compute for the stores STORE_LAG
-slots back, a store for the loads issued up to its slot. With executor=reference every op runs
+slots back, a store for the loads issued up to its slot. A calibrated profile's
+compute_io_contention stretches a compute op by that many seconds per second of disk I/O the
+simulation has running beside it (I/O threads taking cores from compute on a small machine). With executor=reference every op runs
 alone, one after the other. Wall time is split into prefill and decode as the executors split it.
 """
 from __future__ import annotations
@@ -207,6 +209,8 @@ class _Costs:
         self.parts: Dict[str, float] = defaultdict(float)
         self.link_t: Dict[str, float] = defaultdict(float)
         self.link_b: Dict[str, int] = defaultdict(int)
+        self.disk = set()  # loads and stores that cross the disk link
+        self.slowed: Dict = {}  # compute op -> seconds added by disk I/O beside it (overlapped_ends)
         memo: Dict[Tuple, Dict[str, float]] = {}  # squares of one (step, layer) cost the same
         for m in graph.graph["ops"]:
             b = A[m]
@@ -223,28 +227,51 @@ class _Costs:
                 self.stream[m], self.dur[m] = op, model.io_s(b)
                 self.link_t[link] += self.dur[m]
                 self.link_b[link] += b["bytes"]
+                if "disk" in (b["src"], b["dst"]) and self.dur[m]:
+                    self.disk.add(m)
 
     def busy(self) -> Dict[str, float]:
         out = dict.fromkeys(STREAMS, 0.0)
         for m, t in self.dur.items():
             out[self.stream[m]] += t
+        out["compute"] += sum(self.slowed.values())
         return out
 
 
-def overlapped_ends(graph, ops: List, c: _Costs) -> Dict:
-    """End time of every op under the async executor's rules (its own dependency plan)."""
+def overlapped_ends(graph, ops: List, c: _Costs, contention: float = 0.0) -> Dict:
+    """End time of every op under the async executor's rules (its own dependency plan). With
+    `contention`, a compute op takes that many seconds longer per second of disk I/O already
+    placed beside it (c.slowed records the extra seconds)."""
     from executors.async_streams import plan_streams
 
     waits = plan_streams(graph, ops).waits
     ends: Dict[str, List[float]] = {s: [] for s in STREAMS}
+    disk: Dict[str, List[Tuple[float, float]]] = {"load": [], "store": []}  # per stream: in time order
+    first = {"load": 0, "store": 0}  # per stream: the first interval that may still overlap
     end = {}
     for m in ops:
-        mine = ends[c.stream[m]]
+        stream = c.stream[m]
+        mine = ends[stream]
         start = mine[-1] if mine else 0.0
         for s, need in zip(STREAMS, waits[m]):
             if need:
                 start = max(start, ends[s][need - 1])
-        mine.append(start + c.dur[m])
+        dur = c.dur[m]
+        if stream == "compute" and contention and dur:
+            beside = 0.0
+            for s, iv in disk.items():
+                while first[s] < len(iv) and iv[first[s]][1] <= start:
+                    first[s] += 1
+                for a, b in iv[first[s]:]:
+                    if a >= start + dur:
+                        break
+                    beside += min(start + dur, b) - max(start, a)
+            if beside:
+                c.slowed[m] = contention * beside
+                dur += c.slowed[m]
+        elif m in c.disk:
+            disk[stream].append((start, start + dur))
+        mine.append(start + dur)
         end[m] = mine[-1]
     return end
 
@@ -256,7 +283,9 @@ def simulate(graph, model: CostModel, overlap: bool = True) -> Prediction:
     c = _Costs(graph, A, model)
     spent = {"prefill": 0.0, "decode": 0.0}
     if overlap:  # as the async executor: wall time up to each compute end goes to its step kind
-        end, prev, kind = overlapped_ends(graph, ops, c), 0.0, "prefill"
+        end, prev, kind = overlapped_ends(graph, ops, c, model.opt("compute_io_contention")), 0.0, "prefill"
+        if c.slowed:
+            c.parts["disk I/O beside"] = sum(c.slowed.values())
         for m in ops:
             if c.stream[m] == "compute":
                 kind = A[m]["step_kind"]

@@ -74,6 +74,8 @@ PROFILE_KEYS: Dict[str, str] = {
     "attn_overhead_s": "optional, fitted by graphgen.calibrate: what an attention square costs beyond "
                        "compute_overhead_s and its FLOPs and bytes (s)",
     "calibrated": "optional: 1 when graphgen.calibrate fitted the executor-level keys to traced runs (flag)",
+    "compute_io_contention": "optional, fitted by graphgen.calibrate: seconds a compute square runs longer "
+                             "per second of disk I/O beside it (I/O threads taking cores from compute) (s/s)",
     # optional refinements, present in published profiles only; consumers fall back to the key in ()
     "d2h_cache_bw": "optional: device -> host copy of KV cache slices, slower than whole "
                     "activations (bytes/s; FlexGen gtoc_bdw_cache; else d2h_bw)",

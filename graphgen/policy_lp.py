@@ -6,7 +6,9 @@ block's time over the nine fractions (weights, KV cache, activations x device / 
 layer kind's time per step is max(load, compute, store), linearised with one variable per (kind,
 phase) bounded below by each stream's seconds: loads carry the next layer's weights, the cache a
 decode step reads and the activation in; stores the new cache slice and the activation out; each
-over its links at the profile's bandwidths, compute priced by graphgen.costmodel. Memory per tier:
+over its links at the profile's bandwidths, compute priced by graphgen.costmodel, and (with a
+calibrated compute_io_contention) compute plus that share of the layer's disk I/O, which runs
+beside it at most. Memory per tier:
 the homes (weights, the KV cache at its full length prompt + gen, live activations) plus the
 working buffers (two layers' weight copies, the loaded cache prefix, the largest workspace) from
 graphgen.costs; on a GPU, host weights must also fit the pinned-memory limit.
@@ -250,12 +252,16 @@ def solve_lp(P: Problem, kn: Knobs, budgets: Dict[str, float]) -> Optional[Tuple
 
     c = np.zeros(len(names))
     moves = _moves_view(P)
+    kappa, disk = P.model.opt("compute_io_contention"), _disk_view(P)
     for k in P.kinds:
         for ph in PHASES:
             weight = P.count[k] * (1 if ph == "prefill" else P.n - 1)
             load, compute, store = stream_times(P, L, kn, k, ph)
             for expr in (load, compute, store):
                 le(expr + var(f"T_{k}_{ph}") * -1.0, 0.0)
+            if kappa:  # compute slowed by the disk I/O beside it (at most all of it overlaps)
+                load_d, _, store_d = stream_times(disk, L, kn, k, ph)
+                le(compute + (load_d + store_d) * kappa + var(f"T_{k}_{ph}") * -1.0, 0.0)
             if moves is not P:  # one-memory machine: moves priced for the tie-break only
                 load, _, store = stream_times(moves, L, kn, k, ph)
             for v, coef in (load + store).items():  # tie-break: of equally fast placements, the one
@@ -288,6 +294,13 @@ def _moves_view(P: Problem) -> Problem:
         return P
     view = copy.copy(P)
     view.h2d = view.d2h = view.d2h_kv = 1 / P.model.rate("host_memcpy_bw")
+    return view
+
+
+def _disk_view(P: Problem) -> Problem:
+    """P with only the disk's part of each link priced: a stream's disk I/O seconds."""
+    view = copy.copy(P)
+    view.h2d = view.d2h = view.d2h_kv = 0.0
     return view
 
 

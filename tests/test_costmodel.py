@@ -108,3 +108,30 @@ def test_writes_have_their_own_disk_latency_when_calibrated():
     assert m.link_s("disk", "host", 10**6) == pytest.approx(1e-3 + 0.004)  # reads: O_DIRECT requests
     assert m.link_s("host", "disk", 10**6) == pytest.approx(1e-3 + 0.0003)  # writes: buffered slices
     assert CostModel(base, "bfloat16", "cpu").link_s("host", "disk", 10**6) == pytest.approx(1e-3 + 0.004)
+
+
+def test_disk_io_beside_compute_stretches_it_by_the_contention():
+    g, cfg = tiny("[0,0,100,0,100,0]")  # weights on disk: loads run beside compute
+    fast = dict(PROFILE, disk_read_bw=2e11)  # fast enough that compute is the bottleneck
+    cfg.hardware.profile = fast
+    plain = predict(cfg, g)
+    cfg.hardware.profile = dict(fast, compute_io_contention=0.5)
+    slowed = predict(cfg, g)
+    extra = slowed.compute_parts["disk I/O beside"]
+    assert extra > 0 and slowed.total_s > plain.total_s
+    assert slowed.busy_s["compute"] == pytest.approx(plain.busy_s["compute"] + extra)
+    assert extra <= 0.5 * plain.busy_s["load"] + 1e-12  # at most kappa x all the disk I/O
+    g, cfg = tiny("[100,0,100,0,100,0]")  # nothing on disk: nothing changes
+    cfg.hardware.profile = dict(PROFILE, compute_io_contention=0.5)
+    pr = predict(cfg, g)
+    assert "disk I/O beside" not in pr.compute_parts
+
+
+def test_disk_overlap_sums_the_disk_io_beside_each_compute_op():
+    from executors.trace import Event
+    from graphgen.calibrate import disk_overlap
+
+    ev = [Event("load", "l0", 0.0, 2.0, 1, {}, "disk->device"), Event("compute", "c0", 1.0, 3.0, 0, {}),
+          Event("store", "s0", 2.5, 4.0, 1, {}, "device->disk"), Event("load", "l1", 2.0, 2.2, 1, {}, "host->device"),
+          Event("compute", "c1", 5.0, 6.0, 0, {})]
+    assert disk_overlap(ev) == {1: pytest.approx(1.0 + 0.5), 4: 0.0}

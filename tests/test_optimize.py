@@ -97,3 +97,20 @@ def test_simulate_cli_with_policy_auto(capsys):
     pr = run(cfg)
     out = capsys.readouterr().out
     assert "policy=auto chose percent=" in out and "predicted" in out and pr.total_tok_s > 0
+
+
+def test_contention_lowers_the_lp_estimate_of_placements_that_read_from_disk():
+    """With compute_io_contention, a layer's time is at least its compute plus that share of its disk
+    I/O: the LP's estimate for a placement that must read from disk drops, an all-memory one does not."""
+    cfg = tiny_cfg("0.8MB", "0.6MB")  # weights (0.9 MB) and the rest cannot all stay in memory
+    roomy = tiny_cfg("8MB", "8MB")
+    kn = Knobs(1, 1, False, False)
+    for c, must_read_disk in ((cfg, True), (roomy, False)):
+        base = solve_lp(Problem(c, PROFILE), kn, {t: float(v) for t, v in Problem(c, PROFILE).budgets.items()})
+        slow = solve_lp(Problem(c, dict(PROFILE, compute_io_contention=0.5)), kn,
+                        {t: float(v) for t, v in Problem(c, PROFILE).budgets.items()})
+        assert base is not None and slow is not None
+        if must_read_disk:
+            assert slow[1] < base[1] * 0.999
+        else:
+            assert slow[1] == pytest.approx(base[1])
