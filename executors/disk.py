@@ -19,9 +19,9 @@ import shutil
 import tempfile
 import threading
 import weakref
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from collections import defaultdict
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -62,7 +62,7 @@ class FileIO:
         self._stage = threading.local()  # one aligned CHUNK buffer per I/O thread, made on first use
 
     def read(self, path: str, ranges: Sequence[Tuple[int, int]],
-             alloc: Callable[[int], torch.Tensor] = None) -> List[torch.Tensor]:
+             alloc: Optional[Callable[[int], torch.Tensor]] = None) -> List[torch.Tensor]:
         """Bytes [off, off + n) of `path` for each (off, n), as uint8 tensors in aligned memory
         (from `alloc(nbytes)`, default: fresh)."""
         jobs, outs = [], []

@@ -15,8 +15,8 @@ three streams run their ops in schedule order; an op starts when its producers h
 a load also waits for the compute of the slot before its own, a compute for the stores STORE_LAG
 slots back, a store for the loads issued up to its slot. A calibrated profile's
 compute_io_contention stretches a compute op by that many seconds per second of disk I/O the
-simulation has running beside it (I/O threads taking cores from compute on a small machine). With executor=reference every op runs
-alone, one after the other. Wall time is split into prefill and decode as the executors split it.
+simulation has running beside it (I/O threads taking cores from compute on a small machine).
+With executor=reference every op runs alone, one after the other. Wall time is split into prefill and decode as the executors split it.
 """
 from __future__ import annotations
 
@@ -269,7 +269,7 @@ def overlapped_ends(graph, ops: List, c: _Costs, contention: float = 0.0) -> Dic
             if beside:
                 c.slowed[m] = contention * beside
                 dur += c.slowed[m]
-        elif m in c.disk:
+        elif contention and m in c.disk:
             disk[stream].append((start, start + dur))
         mine.append(start + dur)
         end[m] = mine[-1]
