@@ -106,9 +106,10 @@ def test_contention_lowers_the_lp_estimate_of_placements_that_read_from_disk():
     roomy = tiny_cfg("8MB", "8MB")
     kn = Knobs(1, 1, False, False)
     for c, must_read_disk in ((cfg, True), (roomy, False)):
-        base = solve_lp(Problem(c, PROFILE), kn, {t: float(v) for t, v in Problem(c, PROFILE).budgets.items()})
-        slow = solve_lp(Problem(c, dict(PROFILE, compute_io_contention=0.5)), kn,
-                        {t: float(v) for t, v in Problem(c, PROFILE).budgets.items()})
+        P = Problem(c, PROFILE)
+        budgets = {t: float(v) for t, v in P.budgets.items()}
+        base = solve_lp(P, kn, budgets)
+        slow = solve_lp(Problem(c, dict(PROFILE, compute_io_contention=0.5)), kn, budgets)
         assert base is not None and slow is not None
         if must_read_disk:
             assert slow[1] < base[1] * 0.999
