@@ -18,7 +18,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from graphgen.config import Config, tier_budgets
-from graphgen.build import squares
 from graphgen.costs import dtype_of
 from graphgen.models.base import ModelSpec, positions_from_mask
 from graphgen.models.weights import WeightSource
@@ -180,8 +179,8 @@ class Executor:
         if graph.graph.get("peak_bytes", {}).get("disk", 0):
             extra += self.cfg.executor.io_threads * CHUNK
         if self.device.type == "cpu":  # free buffers of weights read from disk, `keep` per layer size
-            sizes = {a["w_bytes"] for n in squares(graph) for a in [graph.nodes[n]]
-                     if a["w_home"] == "disk" and a["w_bytes"]}
+            first = [graph.nodes[(0, j, 0)] for j in range(graph.graph["num_layers"])]  # as place_weights
+            sizes = {a["w_bytes"] for a in first if a["w_home"] == "disk" and a["w_bytes"]}
             extra += self.tiers["disk"].buffers.keep * sum(n + 2 * ALIGN for n in sizes)
         return memory.stated_overhead(planned_ram(graph, self.device), extra)
 

@@ -292,15 +292,18 @@ def _moves_view(P: Problem) -> Problem:
     activations homed on the host vs the device, was within the machine's +-12% noise)."""
     if not P.same_memory:
         return P
-    view = copy.copy(P)
-    view.h2d = view.d2h = view.d2h_kv = 1 / P.model.rate("host_memcpy_bw")
-    return view
+    return _moves_at(P, 1 / P.model.rate("host_memcpy_bw"))
 
 
 def _disk_view(P: Problem) -> Problem:
     """P with only the disk's part of each link priced: a stream's disk I/O seconds."""
+    return _moves_at(P, 0.0)
+
+
+def _moves_at(P: Problem, seconds_per_byte: float) -> Problem:
+    """A copy of P whose device <-> host moves cost `seconds_per_byte`."""
     view = copy.copy(P)
-    view.h2d = view.d2h = view.d2h_kv = 0.0
+    view.h2d = view.d2h = view.d2h_kv = seconds_per_byte
     return view
 
 
