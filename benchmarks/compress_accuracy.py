@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from graphgen import LLM  # noqa: E402
-from graphgen.accuracy import agreement, forced_logits  # noqa: E402
+from graphgen.perf.accuracy import agreement, forced_logits  # noqa: E402
 
 CONFIG = dict(vocab_size=2048, hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4,
               max_position_embeddings=256, word_embed_proj_dim=256, do_layer_norm_before=True)

@@ -3,7 +3,7 @@
 Part 1 (cases): each case is a model, a policy (in memory, host or disk placements) and a
 workload; it is run with the real engine (LLM.generate, executor=async, dummy bf16 weights, page
 cache dropped first), best of --repeats after a short warm-up, and predicted by the cost model on
-hardware=auto's profile, fitted to probe runs first (graphgen.calibrate; --calibrate each: before
+hardware=auto's profile, fitted to probe runs first (graphgen.perf.calibrate; --calibrate each: before
 every case, as the load of a shared machine drifts). Prints measured and predicted
 prefill / decode / total throughput, the error of the total, and the spread of the repeats (1 -
 slowest / fastest: the noise of a shared machine).
@@ -30,8 +30,8 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLM, compose, drop_page_cache, machine, prompts  # noqa: E402
 
-from graphgen.costmodel import CostModel, square_parts  # noqa: E402
-from graphgen.simulate import hardware_profile, predict  # noqa: E402
+from graphgen.perf.costmodel import CostModel, square_parts  # noqa: E402
+from graphgen.perf.simulate import hardware_profile, predict  # noqa: E402
 
 BASE = ["executor=async", "model.weights=dummy", "model.dtype=bfloat16", "report.progress=false",
         "hardware=auto", "hardware.device_mem=12GB", "hardware.host_mem=12GB", "hardware.disk_mem=60GB"]
@@ -168,7 +168,7 @@ def label(cfg) -> str:
 
 
 def compare_auto(repeats: int, measure_top: int) -> None:
-    from graphgen.optimize import compile_policy, describe, optimize, policy_for
+    from graphgen.perf.optimize import compile_policy, describe, optimize, policy_for
 
     base = compose(BASE + AUTO_BASE)
     t0 = time.perf_counter()
@@ -200,7 +200,7 @@ def compare_auto(repeats: int, measure_top: int) -> None:
 
 
 def recalibrate() -> None:
-    from graphgen.calibrate import calibrate
+    from graphgen.perf.calibrate import calibrate
 
     calibrate(verbose=False)
 
@@ -222,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--no-auto", action="store_true", help="skip the policy=auto comparison")
     ap.add_argument("--measure-top", type=int, default=3, help="grid policies measured (best simulated first)")
     ap.add_argument("--calibrate", choices=("no", "once", "each"), default="once",
-                    help="fit the profile to probe runs (python -m graphgen.calibrate) first, or before each case")
+                    help="fit the profile to probe runs (python -m graphgen.perf.calibrate) first, or before each case")
     args = ap.parse_args(argv)
     print(f"{machine()}; {high_priority()}")
     if args.calibrate == "once":

@@ -25,8 +25,8 @@ from graphgen import LLM  # noqa: E402
 from graphgen.build import build_graph  # noqa: E402
 from graphgen.config import compose  # noqa: E402
 from graphgen.models import build_spec, hf_config_from_arch  # noqa: E402
-from graphgen.timeline import write_timeline  # noqa: E402
-from graphgen.viz import detail_size, draw_schedule, new_figure, save  # noqa: E402
+from graphgen.report.timeline import write_timeline  # noqa: E402
+from graphgen.report.schedule import detail_size, draw_schedule, new_figure, save  # noqa: E402
 from passes import run_pipeline  # noqa: E402
 
 

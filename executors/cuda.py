@@ -18,6 +18,8 @@ import torch
 
 from graphgen.config import parse_bytes
 
+from .disk import ALIGN
+
 
 class CudaStreams:
     def __init__(self, device: torch.device, names: Sequence[str]):
@@ -52,8 +54,6 @@ class PinnedStaging:
     """`count` pinned host buffers of `nbytes` (+ alignment slack), reused round-robin."""
 
     def __init__(self, count: int, nbytes: int):
-        from .disk import ALIGN
-
         self.nbytes = nbytes
         raw = [torch.empty(nbytes + 3 * ALIGN, dtype=torch.uint8, pin_memory=True) for _ in range(max(1, count))]
         self.bufs = [r[-r.data_ptr() % ALIGN:][:nbytes + 2 * ALIGN] for r in raw]

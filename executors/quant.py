@@ -30,8 +30,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-BITS = (4, 8)
-META_DTYPE = torch.bfloat16
+from graphgen.quant_format import META_DTYPE, _check_args, _itemsize, grouped_shapes
+
 FORMAT = "graphgen.qtensor.v1"
 CHUNK_NUMEL = 1 << 20  # CPU: quantise / dequantise in blocks of ~1M values (cache-sized temporaries)
 GPU_CHUNK_NUMEL = 1 << 24  # GPU: few kernel launches, float32 temporaries bounded to ~100 MB
@@ -128,25 +128,6 @@ class QTensor:
         scales = buf[mbytes:2 * mbytes].view(meta_dtype).view(mshape)
         data = buf[2 * mbytes:].view(dshape)
         return QTensor(data, mins, scales, shape, _dtype(header["dtype"]), bits, gs, gd)
-
-
-# ---------------------------------------------------------------- sizes (no tensors)
-
-def grouped_shapes(shape: Sequence[int], bits: int, group_size: int,
-                   group_dim: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Stored shapes (data, mins/scales) of a tensor of `shape`, group_dim normalised."""
-    shape = tuple(shape)
-    gd = _check_args(shape, bits, group_size, group_dim)
-    ng = -(-shape[gd] // group_size)
-    pre, post = shape[:gd], shape[gd + 1:]
-    return pre + (ng, group_size * bits // 8) + post, pre + (ng, 1) + post
-
-
-def quantized_nbytes(shape: Sequence[int], bits: int, group_size: int = 64, group_dim: int = -1,
-                     meta_dtype: torch.dtype = META_DTYPE) -> int:
-    """Bytes a QTensor of `shape` occupies, computed from sizes alone."""
-    dshape, mshape = grouped_shapes(shape, bits, group_size, group_dim)
-    return math.prod(dshape) + 2 * math.prod(mshape) * _itemsize(meta_dtype)
 
 
 # ---------------------------------------------------------------- kernels
@@ -314,19 +295,6 @@ def load_prefix(cache: QTensor, length: int, dim: int = 1, dtype: Optional[torch
 
 # ---------------------------------------------------------------- checks and helpers
 
-def _check_args(shape: Tuple[int, ...], bits: int, group_size: int, group_dim: int) -> int:
-    """Validate a quantisation request; returns group_dim normalised to >= 0."""
-    if bits not in BITS:
-        raise ValueError(f"compression bits={bits} is not supported: use 4 or 8 "
-                         "(policy.compress_weight.bits / policy.compress_cache.bits)")
-    if group_size < 1 or (bits == 4 and group_size % 2):
-        raise ValueError(f"group_size={group_size} must be a positive{' even' if bits == 4 else ''} "
-                         "integer (4-bit packs two codes per byte); 64 is the usual choice")
-    if not -len(shape) <= group_dim < len(shape):
-        raise ValueError(f"group_dim={group_dim} is out of range for a tensor of shape {list(shape)}")
-    return group_dim % len(shape)
-
-
 def _check_narrow(q: QTensor, dim: int, start: int, length: int) -> int:
     """Validate a narrow of `q`; returns dim normalised to >= 0."""
     dim = dim % len(q.shape)
@@ -346,10 +314,6 @@ def _check_same_layout(dst: QTensor, src: QTensor) -> None:
     got, want = ({k: getattr(q, k) for k in keys} for q in (src, dst))
     if got != want:
         raise ValueError(f"QTensor layouts differ: source {got}, destination {want}")
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -4,7 +4,8 @@ __all__ = ["LLM"]
 
 
 def __getattr__(name):
-    # lazy: executors import graphgen's submodules, and graphgen.api imports executors
+    # lazy: `import graphgen.config` (what passes/ and executors/ need of the core) must not load the
+    # product surface (api -> executors, passes, scipy); LLM is imported on first use
     if name == "LLM":
         from .api import LLM
 

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from .config import register_configs, to_config
 from .run import run
+from .verify import PassError
 
 register_configs()
 
@@ -17,8 +18,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, OSError, MemoryError, KeyError)
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from passes import PassError
-
     try:
         run(to_config(cfg))
     except (PassError,) + USER_ERRORS as e:

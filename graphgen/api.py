@@ -10,15 +10,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from executors import BlockInputs, make_executor
-from passes import run_pipeline
-
-from .build import build_graph
+from .compile import BlockShape, checkpoint_of, compile, spec_for
 from .config import Config, compose
-from .models import build_spec, hf_config_from_arch, hf_config_from_dir
-from .models.weights import CheckpointWeights, DummyWeights, WeightSource, describe_missing, find_checkpoint
+from .models.weights import CheckpointWeights, DummyWeights, WeightSource, describe_missing
+from .perf.optimize import resolve_policy
 from .progress import Progress
 from .sampling import Sampling
-from .timeline import trace_metrics
+from .session import ChatSession
+from .report.metrics import trace_metrics
 
 
 GRAPH_CACHE = 4  # compiled graphs kept per LLM (one per prompt length / batch shape)
@@ -45,13 +44,9 @@ class LLM:
         self.checkpoint, self.source, self.notice = resolve_weights(config)
         if self.notice:
             print(self.notice, file=sys.stderr)
-        m = config.model
-        hf = hf_config_from_dir(self.checkpoint) if self.checkpoint else hf_config_from_arch(m.arch)
-        self.spec = build_spec(hf, m.name)
-        if config.policy.auto:  # policy=auto: choose the policy for config.workload and the budgets
-            from .optimize import resolve_policy
-
-            self.cfg = config = resolve_policy(config, spec=self.spec)
+        self.spec = spec_for(config, self.checkpoint)
+        # policy=auto: choose the policy for config.workload and the budgets (printed)
+        self.cfg = config = resolve_policy(config, spec=self.spec)
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.executor = None
         self._graphs: Dict[Tuple[int, ...], object] = {}
@@ -64,11 +59,9 @@ class LLM:
         """Graph -> passes, cached per shape. Refuses plans over budget before running."""
         key = (prompt_len, gen_len, batch, num_batches, past_len, cache_len)
         if key not in self._graphs:
-            g = build_graph(self.spec, batch=batch, num_batches=num_batches, prompt_len=prompt_len,
-                            gen_len=gen_len, dtype=self.cfg.model.dtype, past_len=past_len, cache_len=cache_len)
             while len(self._graphs) >= GRAPH_CACHE:  # graphs of big jobs are large: keep a few
                 self._graphs.pop(next(iter(self._graphs)))
-            self._graphs[key] = run_pipeline(g, self.cfg)
+            self._graphs[key] = compile(self.spec, self.cfg, BlockShape(*key))
         self._graphs[key] = self._graphs.pop(key)  # most recently used last
         return self._graphs[key]
 
@@ -173,8 +166,6 @@ class LLM:
 
     def chat(self, max_context: Optional[int] = None):
         """A conversation that keeps its KV cache between turns (see graphgen.session)."""
-        from .session import ChatSession
-
         return ChatSession(self, max_context)
 
     def close(self) -> None:
@@ -198,11 +189,9 @@ def resolve_weights(cfg: Config) -> Tuple[Optional[Path], WeightSource, str]:
         raise ValueError(f"model.weights={m.weights!r}: use auto, hf or dummy")
     if m.weights == "dummy":
         return None, DummyWeights(cfg.seed), f"graphgen: {m.name} with DUMMY (random) weights (model.weights=dummy)"
-    ckpt = find_checkpoint(m.path, m.hf_id)
+    ckpt = checkpoint_of(cfg)
     if ckpt is not None:
         return ckpt, CheckpointWeights(ckpt), ""
-    if m.weights == "hf" or m.path:
-        raise FileNotFoundError(f"model.weights={m.weights}: {describe_missing(m.hf_id, m.path)}")
     return None, DummyWeights(cfg.seed), (
         f"graphgen: NOTE running {m.name} with DUMMY (random) weights: {describe_missing(m.hf_id, m.path)} "
         f"(set model.weights=hf to make a missing checkpoint an error)")

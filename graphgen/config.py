@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .apps.job_config import JobConfig
-
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 TIERS = ("device", "host", "disk")
@@ -50,7 +48,7 @@ class PolicyConfig:
     weight_overrides: Dict[int, str] = field(default_factory=dict)  # layer index -> tier
     compress_weight: CompressionConfig = field(default_factory=CompressionConfig)
     compress_cache: CompressionConfig = field(default_factory=CompressionConfig)
-    # auto: graphgen.optimize picks percent, batch sizes, cpu_attention and compression for the
+    # auto: graphgen.perf.optimize picks percent, batch sizes, cpu_attention and compression for the
     # workload and the tier budgets (the values above are then ignored)
     auto: bool = False
 
@@ -100,7 +98,32 @@ class VizConfig:
     graph: bool = False  # the compiled graph as GraphML and DOT
     formats: List[str] = field(default_factory=lambda: ["png", "svg"])
     out_dir: Optional[str] = None  # None: Hydra's run directory (the current directory outside Hydra)
-    dry_run: bool = False  # compile and draw the plan only; run nothing
+
+
+JOB_NAMES = ("generate", "batch", "simulate", "plan")  # the run modes (conf/job/)
+BAD_INPUT_MODES = ("skip", "stop")
+INPUT_FORMATS = ("auto", "jsonl", "text")
+
+
+@dataclass
+class JobConfig:
+    # the run mode: generate: the workload's prompts, report throughput | batch: prompts file -> JSONL |
+    # simulate: predict the run on the cost model, touching no weights | plan: compile and draw, run nothing
+    name: str = "generate"
+    input: Optional[str] = None  # batch: JSONL ({"id", "prompt"} per line) or text, one prompt a line
+    output: Optional[str] = None  # batch: JSONL results, appended per block; re-run to resume
+    input_format: str = "auto"  # auto (by extension / first line) | jsonl | text
+    on_bad_input: str = "skip"  # skip: report to <output>.errors.jsonl | stop: refuse to start
+    max_new_tokens: Optional[int] = None  # None: workload.gen_len
+    do_sample: Optional[bool] = None  # None: workload.do_sample
+    temperature: Optional[float] = None  # None: workload.temperature
+    top_k: Optional[int] = None  # None: workload.top_k
+    top_p: Optional[float] = None  # None: workload.top_p
+    seed: Optional[int] = None  # None: the root seed
+    stop: List[str] = field(default_factory=list)  # stop strings on decoded text; \\n \\t are unescaped
+    logprobs: bool = False  # add per-token log-probabilities to each output line
+    block_size: Optional[int] = None  # prompts per generate call; None: gpu_batch_size x num_gpu_batches
+    progress: bool = True  # tqdm bar on stderr (shown only on a terminal)
 
 
 @dataclass
@@ -124,7 +147,6 @@ class Config:
     pipeline: List[str] = field(default_factory=lambda: [
         "order", "place_tensors", "compress", "delegate_cpu_attention", "insert_io", "plan_memory"])
     seed: int = 0
-    run: str = "generate"  # generate: run the model | simulate: predict on the cost model, no weights
 
 
 def register_configs() -> None:

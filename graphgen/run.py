@@ -1,15 +1,20 @@
-"""The main job: compile, generate over the workload's prompts, print the report."""
+"""The run modes behind `python -m graphgen job=...`: generate (the default), batch, simulate, plan."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Dict, Tuple
 
 import torch
 
 from .api import LLM
-from .config import Config
-from . import viz
-from .report import add_prediction, emit
+from .apps.batch import main as batch_main
+from .compile import checkpoint_of, compile, spec_for, workload_shape
+from .config import TIERS, Config
+from .perf.optimize import resolve_policy
+from .perf.simulate import run_simulation
+from .report import files
+from .report.text import add_prediction, emit, gb
 
 
 def workload_prompts(cfg: Config, llm: LLM) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -31,34 +36,55 @@ def workload_prompts(cfg: Config, llm: LLM) -> Tuple[torch.Tensor, torch.Tensor]
 
 
 def run(cfg: Config) -> Dict:
-    if cfg.run == "simulate":
-        from .simulate import run_simulation
+    """Run the job cfg.job.name names (the one run-mode key: job=generate|batch|simulate|plan)."""
+    if cfg.job.name not in JOBS:
+        raise ValueError(f"job.name={cfg.job.name!r} is unknown: use job={' | job='.join(JOBS)}")
+    return JOBS[cfg.job.name](cfg)
 
-        return run_simulation(cfg)
-    if cfg.run != "generate":
-        raise ValueError(f"run={cfg.run!r}: use run=generate (default) or run=simulate")
-    if cfg.job.name == "batch":
-        from .apps.batch import main as batch_main
 
-        with LLM(config=cfg) as llm:
-            return batch_main(cfg.job, llm, cfg.workload, cfg.seed)
-    if cfg.viz.timeline:
-        cfg.executor.trace = True  # the timeline is drawn from the run's trace
-    if cfg.viz.dry_run:
-        from .optimize import resolve_policy
-
-        return viz.plan_only(resolve_policy(cfg))
-    with LLM(config=cfg) as llm:  # policy=auto is resolved there (llm.cfg holds the chosen policy)
-        ids, mask = workload_prompts(llm.cfg, llm)
+def generate_job(cfg: Config) -> Dict:
+    """The workload's prompts through the model once; the report (and any pictures) after."""
+    if cfg.viz.timeline and not cfg.executor.trace:  # the timeline is drawn from the run's trace
+        cfg = replace(cfg, executor=replace(cfg.executor, trace=True))
+    with LLM(config=cfg) as llm:
+        cfg = llm.cfg  # policy=auto resolved: the config that ran, from here on
+        ids, mask = workload_prompts(cfg, llm)
         w = cfg.workload
         out = llm.generate(ids, mask, max_new_tokens=w.gen_len, do_sample=w.do_sample,
                            temperature=w.temperature, top_k=w.top_k, top_p=w.top_p, seed=cfg.seed)
-        st, out_dir = llm.last_stats, viz.output_dir(cfg)
+        st, out_dir = llm.last_stats, files.output_dir(cfg)
         add_prediction(st, cfg, llm.graph)
-        if viz.wanted(cfg):
-            st["files"] = [str(f) for f in viz.write_visuals(cfg, llm.graph, llm.executor.trace, out_dir)]
+        if files.wanted(cfg):
+            st["files"] = [str(f) for f in files.write_visuals(cfg, llm.graph, llm.executor.trace, out_dir)]
         emit(st, cfg, out_dir)
         if llm.tokenizer is not None:
             print("sample:", repr(llm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)),
                   file=sys.stderr if cfg.report.json else sys.stdout)
         return st
+
+
+def batch_job(cfg: Config) -> Dict:
+    """job=batch: a prompts file -> JSONL results, resumable (graphgen/apps/batch.py)."""
+    with LLM(config=cfg) as llm:
+        return batch_main(cfg.job, llm, cfg.workload, cfg.seed)
+
+
+def plan_job(cfg: Config) -> Dict:
+    """job=plan: compile the workload's block and write the pictures of the plan; run nothing."""
+    spec = spec_for(cfg, checkpoint_of(cfg))
+    cfg = resolve_policy(cfg, spec=spec)
+    graph = compile(spec, cfg, workload_shape(cfg))
+    out = files.output_dir(cfg)
+    written = files.write_visuals(replace(cfg, viz=replace(cfg.viz, timeline=False)), graph, None, out)
+    st = {"model": cfg.model.name, "schedule": graph.graph["schedule"], "dry_run": True,
+          "planned_peak_bytes": dict(graph.graph["peak_bytes"]), "budget_bytes": dict(graph.graph["budgets"]),
+          "files": [str(f) for f in written]}
+    text = "\n".join([
+        f"plan (job=plan): {cfg.model.name}, schedule {st['schedule']}; nothing was run",
+        "planned peak  " + "   ".join(f"{t} {gb(st['planned_peak_bytes'][t])} of {gb(st['budget_bytes'][t])}"
+                                      for t in TIERS)] + [f"file          {f}" for f in st["files"]])
+    emit(st, cfg, out, text)
+    return st
+
+
+JOBS = {"generate": generate_job, "batch": batch_job, "simulate": run_simulation, "plan": plan_job}

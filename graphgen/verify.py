@@ -8,11 +8,13 @@ import networkx as nx
 from .config import TIERS
 
 
+class PassError(RuntimeError):
+    """A pass or an invariant failed; the message says which and what to change."""
+
+
 def verify(g: nx.DiGraph, changed: Optional[Iterable[str]] = None) -> None:
     """Raise PassError naming the first broken invariant; `changed` limits the checks
     to invariants over those attributes (None: check everything present)."""
-    from passes import PassError
-
     A = dict(g.nodes(data=True))  # plain dict access: views are slow at 100k+ nodes
     sq = [n for n, a in A.items() if "kind" in a]
     first = A[sq[0]] if sq else {}

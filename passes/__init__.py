@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Sequence
 
 import networkx as nx
 
+from graphgen.verify import PassError, verify
+
 PASSES: Dict[str, "Pass"] = {}
 _MODULES = ("order", "place_tensors", "delegate_cpu_attention", "insert_io", "plan_memory", "compress")
 
@@ -21,10 +23,6 @@ class Pass:
     fn: Callable
     requires: tuple = ()  # square attributes that must exist before
     provides: tuple = ()  # square attributes it sets
-
-
-class PassError(RuntimeError):
-    """A pass or an invariant failed; the message says which and what to change."""
 
 
 def register(name: str, requires: Sequence[str] = (), provides: Sequence[str] = ()):
@@ -52,8 +50,6 @@ def _load_all() -> None:
 
 def run_pipeline(graph: nx.DiGraph, cfg, names: List[str] | None = None) -> nx.DiGraph:
     """Run the named passes in order, verifying invariants after each."""
-    from graphgen.verify import verify
-
     names = list(cfg.pipeline if names is None else names)
     done: List[str] = []
     for name in names:

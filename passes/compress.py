@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
-from executors.quant import BITS, quantized_nbytes
+from graphgen.quant_format import BITS, quantized_nbytes
 from graphgen.build import squares
 from graphgen.costs import Shape, is_compressed
 

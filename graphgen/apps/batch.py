@@ -22,6 +22,7 @@ import torch
 from graphgen.apps.batch_io import (BadInputError, BadLine, GenSettings, Request, append_durably,  # noqa: F401
                                     bad_input_message, id_key, lock_output, read_input, repair_output,
                                     validate, write_errors)
+from graphgen.apps.job_config import resolve_job
 from graphgen.stopping import finish, normalize_stops
 
 
@@ -198,8 +199,6 @@ def _log(msg: str) -> None:
 
 def main(job: Any, llm: Any, workload: Any = None, seed: Optional[int] = None) -> BatchSummary:
     """CLI entry (job=batch): typed JobConfig + loaded LLM; workload/seed fill unset settings."""
-    from graphgen.apps.job_config import resolve_job
-
     j = resolve_job(job, workload, seed)
     try:
         return run_batch(llm, j.input, j.output, max_new_tokens=j.max_new_tokens, temperature=j.temperature,

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, List, Optional, Sequence
 
+from graphgen.api import LLM
 from graphgen.sampling import Sampling
 from graphgen.stopping import finish
 
@@ -76,8 +77,6 @@ def main(argv: Optional[Sequence[str]] = None, llm: Any = None, stdin=None, stdo
     args = parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if llm is None:
-        from graphgen import LLM
-
         llm = LLM(args.model, overrides=list(args.overrides))
     if llm.tokenizer is None:
         print("chat needs a checkpoint with a tokenizer (dummy weights have none): "

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any, List, Optional, Sequence
 
+from graphgen.api import LLM
+from graphgen.apps.batch import left_pad
 from graphgen.stopping import Completion, finish
 
 # FlexGen's example prompts: few-shot question answering and extraction
@@ -34,8 +36,6 @@ def complete(llm: Any, prompts: Sequence[str], *, max_new_tokens: int = 32, do_s
              temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = 0,
              stop: Sequence[str] = ("\n",)) -> List[Completion]:
     """Prompts -> completions (one generate call, left-padded), cut at eos or a stop string."""
-    from graphgen.apps.batch import left_pad
-
     tok = llm.tokenizer
     rows = [list(r) for r in tok(list(prompts))["input_ids"]]
     for i, r in enumerate(rows):
@@ -90,8 +90,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None, llm: Any = None) -> List[Completion]:
     args = parse_args(argv)
     if llm is None:
-        from graphgen import LLM
-
         llm = LLM(args.model, overrides=list(args.overrides))
     if llm.tokenizer is None:
         return token_ids_demo(llm, args)

@@ -1,4 +1,4 @@
-"""Schema of the `job` config group: what `python -m graphgen` does with the loaded model.
+"""The `job` config group (schema: graphgen.config.JobConfig) resolved for the batch job.
 
     python -m graphgen job=batch job.input=prompts.jsonl job.output=out.jsonl
 
@@ -8,32 +8,10 @@ do_sample, temperature, top_k, top_p) and to the root `seed`; see resolve_job.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
-from typing import Any, List, Optional
+from dataclasses import replace
+from typing import Any, Optional
 
-JOB_NAMES = ("generate", "batch")
-BAD_INPUT_MODES = ("skip", "stop")
-INPUT_FORMATS = ("auto", "jsonl", "text")
-
-
-@dataclass
-class JobConfig:
-    name: str = "generate"  # generate: the workload's built-in run | batch: prompts file -> JSONL
-    input: Optional[str] = None  # batch: JSONL ({"id", "prompt"} per line) or text, one prompt a line
-    output: Optional[str] = None  # batch: JSONL results, appended per block; re-run to resume
-    input_format: str = "auto"  # auto (by extension / first line) | jsonl | text
-    on_bad_input: str = "skip"  # skip: report to <output>.errors.jsonl | stop: refuse to start
-    max_new_tokens: Optional[int] = None  # None: workload.gen_len
-    do_sample: Optional[bool] = None  # None: workload.do_sample
-    temperature: Optional[float] = None  # None: workload.temperature
-    top_k: Optional[int] = None  # None: workload.top_k
-    top_p: Optional[float] = None  # None: workload.top_p
-    seed: Optional[int] = None  # None: the root seed
-    stop: List[str] = field(default_factory=list)  # stop strings on decoded text; \\n \\t are unescaped
-    logprobs: bool = False  # add per-token log-probabilities to each output line
-    block_size: Optional[int] = None  # prompts per generate call; None: gpu_batch_size x num_gpu_batches
-    progress: bool = True  # tqdm bar on stderr (shown only on a terminal)
-
+from ..config import BAD_INPUT_MODES, INPUT_FORMATS, JOB_NAMES, JobConfig
 
 def resolve_job(job: JobConfig, workload: Any = None, seed: Optional[int] = None) -> JobConfig:
     """Fill the None generation settings from the workload config and root seed; validate."""

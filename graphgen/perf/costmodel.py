@@ -1,0 +1,302 @@
+"""Cost model: predict a compiled graph's prefill, decode and total time on a hardware profile.
+
+Each op gets a duration from the profile (keys in graphgen.perf.profile.PROFILE_KEYS):
+- compute: matmul FLOPs / FLOP/s (decode: no faster than streaming the layer's weights at
+  device_mm_bw when the profile has it); attention in prefill as FLOPs / bmm FLOP/s, in decode as
+  cache bytes / the attention bandwidth where it runs (device, or host for delegated attention,
+  with FlexGen's small-batch correction when the profile has c1..c3); a compressed cache is
+  dequantised at dequant_bw; plus compute_overhead_s per square (kernel launches, dispatch);
+- a load or store: bytes / the bandwidth of each link it crosses (disk then PCIe; free between
+  device and host when they are the same memory, as on a CPU-only machine) + disk_latency_s per
+  disk request; compressed weights move compressed and are dequantised on the device by the
+  first square that uses them (w_dequant).
+Overlap is the async executor's (executors/async_streams.py), from its own dependency plan:
+three streams run their ops in schedule order; an op starts when its producers have finished;
+a load also waits for the compute of the slot before its own, a compute for the stores STORE_LAG
+slots back, a store for the loads issued up to its slot. A calibrated profile's
+compute_io_contention stretches a compute op by that many seconds per second of disk I/O the
+simulation has running beside it (I/O threads taking cores from compute on a small machine).
+With executor=reference every op runs alone, one after the other. Wall time is split into prefill and decode as the executors split it.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Tuple
+
+from ..costs import kv_slice_bytes
+from ..streams import plan_streams
+
+STREAMS = ("load", "compute", "store")
+_RANK = {"device": 0, "host": 1, "disk": 2}
+
+
+@dataclass
+class Prediction:
+    prefill_s: float
+    decode_s: float
+    tokens: int  # generated tokens in the block
+    prompt_tokens: int
+    busy_s: Dict[str, float]  # per stream
+    link_s: Dict[str, float]  # per link (src->dst), seconds of transfer
+    link_bytes: Dict[str, int] = field(default_factory=dict)
+    compute_parts: Dict[str, float] = field(default_factory=dict)  # matmul / attention / overhead seconds
+    overlap: bool = True  # async streams (False: the reference executor, one op at a time)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def total_tok_s(self) -> float:
+        return self.tokens / self.total_s if self.total_s else 0.0
+
+    @property
+    def bound_tok_s(self) -> float:
+        """Throughput if the busiest stream never waited: the I/O-or-compute bound."""
+        busiest = max(self.busy_s.values())
+        return self.tokens / busiest if busiest else 0.0
+
+    @property
+    def bottleneck(self) -> str:
+        """The busiest stream, and within it the busiest link or compute part."""
+        stream = max(self.busy_s, key=self.busy_s.get)
+        if stream == "compute":
+            parts = {k: v for k, v in self.compute_parts.items() if v}
+            return f"compute ({max(parts, key=parts.get)})" if parts else "compute"
+        links = {k: v for k, v in self.link_s.items() if _stream_of_link(k) == stream and v}
+        return f"{stream} ({max(links, key=links.get)})" if links else stream
+
+
+def _stream_of_link(link: str) -> str:
+    src, dst = link.split("->")
+    return "store" if _RANK[dst] > _RANK[src] else "load"
+
+
+class CostModel:
+    """Durations of ops from a profile dict; `dtype` names the compute dtype's FLOP/s keys."""
+
+    def __init__(self, profile: Mapping[str, float], dtype: str, device: str = "cpu"):
+        self.p, self.dtype = dict(profile), dtype
+        if not self.p:
+            raise ValueError("hardware.profile is empty: use hardware=auto (measures this machine) "
+                             "or a shipped profile such as hardware=t4-flexgen")
+        self.same_memory = bool(self.p.get("device_is_host", 1.0 if device == "cpu" else 0.0))
+
+    def rate(self, key: str, *fallbacks: str) -> float:
+        for k in (key,) + fallbacks:
+            if self.p.get(k):
+                return float(self.p[k])
+        raise ValueError(f"hardware.profile has no {key!r} (nor {', '.join(fallbacks) or 'a fallback'}); "
+                         f"re-measure with hardware=auto")
+
+    def opt(self, key: str, default: float = 0.0) -> float:
+        """An optional refinement: its value, or `default` where the profile does not have it."""
+        return float(self.p.get(key) or default)
+
+    def disk_latency(self, write: bool = False) -> float:
+        """Seconds per disk request; writes have their own where calibration fitted them (the
+        cache's small slice writes go through the page cache, reads bypass it)."""
+        if write and self.p.get("disk_write_latency_s") is not None:
+            return float(self.p["disk_write_latency_s"])
+        return self.opt("disk_latency_s")
+
+    # --- compute ------------------------------------------------------------------------------
+    def compute_parts(self, a: dict, attn_flops: float, kv_dense: int = 0, batch: int = 64,
+                      hidden: int = 4096) -> Dict[str, float]:
+        """Seconds of one square by part: matmul, attention (where it runs), dequant, overhead.
+        kv_dense: dense bytes of the cache positions decode attention reads (prefix + new slice)."""
+        dt, mm = self.dtype, a["flops"] - attn_flops
+        extra = self.opt("attn_overhead_s") if a["kind"] == "attn" else 0.0
+        out = {"overhead": self.opt("compute_overhead_s") + extra}
+        if a.get("w_dequant") and self.p.get("dequant_bw"):  # first square of a run: dense working copy
+            out["dequant"] = a["w_dequant"] / self.p["dequant_bw"]
+        if a["step_kind"] == "prefill":
+            # the head only reads the last position: one row per sequence, priced like decode; a
+            # fitted profile also streams every matmul square's weights once (small prompts)
+            out["matmul"] = (self.decode_matmul_s(mm, a) if a["kind"] == "head" else
+                             mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a))
+            if attn_flops:
+                out["attention"] = attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}")
+            return out
+        out["matmul"] = self.decode_matmul_s(mm, a)
+        if a["kind"] == "attn":
+            where = "host" if a.get("attn_device") == "host" else "device"
+            dense = kv_dense or a["kv_read"] + a["kv_write"]
+            out[f"attention ({where})"] = dense / self.attention_bw(where, batch, hidden)
+            if a.get("kv_compressed") and self.p.get("dequant_bw"):
+                out["dequant"] = out.get("dequant", 0.0) + dense / self.p["dequant_bw"]
+        return out
+
+    def compute_s(self, a: dict, attn_flops: float, kv_dense: int = 0, batch: int = 64,
+                  hidden: int = 4096) -> float:
+        return sum(self.compute_parts(a, attn_flops, kv_dense, batch, hidden).values())
+
+    def decode_matmul_s(self, flops: float, a: dict) -> float:
+        """One row per sequence: FLOPs at the decode shape's FLOP/s, and the weights streamed at
+        device_mm_bw_<dtype>: the larger of the two (measured microbenchmarks), or their sum when the
+        profile was fitted to traced runs in that form (graphgen.perf.calibrate: calibrated = 1)."""
+        t = flops / self.rate(f"device_flops_decode_{self.dtype}", f"device_flops_{self.dtype}")
+        bw = self.p.get(f"device_mm_bw_{self.dtype}")
+        if bw and flops:
+            w = a.get("w_work_bytes", a["w_bytes"]) / bw
+            t = t + w if self.p.get("calibrated") else max(t, w)
+        return t
+
+    def streamed_s(self, flops: float, a: dict) -> float:
+        """A fitted profile's weight-streaming term of a prefill matmul (absent otherwise)."""
+        bw = self.p.get(f"device_mm_bw_{self.dtype}")
+        if not (flops and bw and self.p.get("calibrated")):
+            return 0.0
+        return a.get("w_work_bytes", a["w_bytes"]) / bw
+
+    def attention_bw(self, where: str, batch: int = 64, hidden: int = 4096) -> float:
+        """Decode attention in cache bytes/s; on the host with FlexGen's fitted factor for small
+        GPU batches and hidden sizes (cpu_attn_c1..c3, when the profile has them)."""
+        if where != "host":
+            return self.rate(f"device_attn_bw_{self.dtype}", "device_attn_bw")
+        bw = self.rate(f"cpu_attn_bw_{self.dtype}", "cpu_attn_bw")
+        c = [self.p.get(f"cpu_attn_c{i}") for i in (1, 2, 3)]
+        if None in c:
+            return bw
+        x, y = max(0.0, math.log2(64 / batch)), max(0.0, math.log2(4096 / hidden))
+        return bw * max(0.1, 1 + c[0] * x * y - c[1] * x - c[2] * y)
+
+    # --- transfers ----------------------------------------------------------------------------
+    def link_s(self, src: str, dst: str, nbytes: int, cache: bool = False) -> float:
+        """Seconds to move nbytes from tier src to tier dst (disk goes through the host)."""
+        if not nbytes or src == dst:
+            return 0.0
+        t = 0.0
+        if "disk" in (src, dst):
+            key = "disk_read_bw" if src == "disk" else ("disk_write_cache_bw" if cache else "disk_write_bw")
+            t += nbytes / self.rate(key, "disk_write_bw") + self.disk_latency(write=src != "disk")
+        if "device" in (src, dst) and not self.same_memory:  # PCIe
+            t += nbytes / (self.rate("h2d_bw") if dst == "device" else
+                           self.rate("d2h_cache_bw", "d2h_bw") if cache else self.rate("d2h_bw"))
+        return t
+
+    def io_s(self, b: dict) -> float:
+        """A load or store op: its link (compressed weights move compressed; the square that uses
+        them first dequantises them, see compute_parts)."""
+        return self.link_s(b["src"], b["dst"], b["bytes"], cache=b["tensor"][0] == "kv")
+
+
+def attention_flops(graph, a: dict) -> float:
+    return attention_flops_of(graph.graph["spec"], graph.graph["shape"], a)
+
+
+def attention_flops_of(spec, sh, a: dict) -> float:
+    """q.k and p.v of one attention square (the rest of its FLOPs are matmuls)."""
+    if a["kind"] != "attn":
+        return 0.0
+    return 4.0 * sh.batch * spec.num_heads * a["s"] * a["ctx"] * spec.head_dim
+
+
+def square_parts(graph, model: CostModel, a: dict) -> Dict[str, float]:
+    """The compute parts of one square, with what the model needs from the graph."""
+
+    spec, sh = graph.graph["spec"], graph.graph["shape"]
+    dense = kv_slice_bytes(spec, sh, a["ctx"]) if a["kind"] == "attn" else 0
+    return model.compute_parts(a, attention_flops(graph, a), dense, sh.batch, spec.hidden_size)
+
+
+class _Costs:
+    """Per-op stream and seconds, and the totals a prediction reports."""
+
+    def __init__(self, graph, A, model: CostModel):
+        self.stream: Dict = {}
+        self.dur: Dict = {}
+        self.parts: Dict[str, float] = defaultdict(float)
+        self.link_t: Dict[str, float] = defaultdict(float)
+        self.link_b: Dict[str, int] = defaultdict(int)
+        self.disk = set()  # loads and stores that cross the disk link
+        self.slowed: Dict = {}  # compute op -> seconds added by disk I/O beside it (overlapped_ends)
+        memo: Dict[Tuple, Dict[str, float]] = {}  # squares of one (step, layer) cost the same
+        for m in graph.graph["ops"]:
+            b = A[m]
+            op = b.get("op", "compute")
+            if op == "compute":
+                key = (m[0], m[1], b.get("attn_device"), b["flops"], b["w_bytes"])
+                if key not in memo:
+                    memo[key] = square_parts(graph, model, b)
+                for part, t in memo[key].items():
+                    self.parts[part] += t
+                self.stream[m], self.dur[m] = "compute", sum(memo[key].values())
+            else:
+                link = f"{b['src']}->{b['dst']}"
+                self.stream[m], self.dur[m] = op, model.io_s(b)
+                self.link_t[link] += self.dur[m]
+                self.link_b[link] += b["bytes"]
+                if "disk" in (b["src"], b["dst"]) and self.dur[m]:
+                    self.disk.add(m)
+
+    def busy(self) -> Dict[str, float]:
+        out = dict.fromkeys(STREAMS, 0.0)
+        for m, t in self.dur.items():
+            out[self.stream[m]] += t
+        out["compute"] += sum(self.slowed.values())
+        return out
+
+
+def overlapped_ends(graph, ops: List, c: _Costs, contention: float = 0.0) -> Dict:
+    """End time of every op under the async executor's rules (its own dependency plan). With
+    `contention`, a compute op takes that many seconds longer per second of disk I/O already
+    placed beside it (c.slowed records the extra seconds)."""
+
+    waits = plan_streams(graph, ops).waits
+    ends: Dict[str, List[float]] = {s: [] for s in STREAMS}
+    disk: Dict[str, List[Tuple[float, float]]] = {"load": [], "store": []}  # per stream: in time order
+    first = {"load": 0, "store": 0}  # per stream: the first interval that may still overlap
+    end = {}
+    for m in ops:
+        stream = c.stream[m]
+        mine = ends[stream]
+        start = mine[-1] if mine else 0.0
+        for s, need in zip(STREAMS, waits[m]):
+            if need:
+                start = max(start, ends[s][need - 1])
+        dur = c.dur[m]
+        if stream == "compute" and contention and dur:
+            beside = 0.0
+            for s, iv in disk.items():
+                while first[s] < len(iv) and iv[first[s]][1] <= start:
+                    first[s] += 1
+                for a, b in iv[first[s]:]:
+                    if a >= start + dur:
+                        break
+                    beside += min(start + dur, b) - max(start, a)
+            if beside:
+                c.slowed[m] = contention * beside
+                dur += c.slowed[m]
+        elif contention and m in c.disk:
+            disk[stream].append((start, start + dur))
+        mine.append(start + dur)
+        end[m] = mine[-1]
+    return end
+
+
+def simulate(graph, model: CostModel, overlap: bool = True) -> Prediction:
+    """'Run' the compiled schedule on the cost model; overlap=False: the reference executor."""
+    A = dict(graph.nodes(data=True))
+    ops = graph.graph["ops"]
+    c = _Costs(graph, A, model)
+    spent = {"prefill": 0.0, "decode": 0.0}
+    if overlap:  # as the async executor: wall time up to each compute end goes to its step kind
+        end, prev, kind = overlapped_ends(graph, ops, c, model.opt("compute_io_contention")), 0.0, "prefill"
+        if c.slowed:
+            c.parts["disk I/O beside"] = sum(c.slowed.values())
+        for m in ops:
+            if c.stream[m] == "compute":
+                kind = A[m]["step_kind"]
+                spent[kind] += end[m] - prev
+                prev = end[m]
+        spent[kind] += max(end.values(), default=0.0) - prev  # the last stores
+    else:  # as the reference executor: each op's own time goes to its square's step kind
+        for m in ops:
+            spent[A[A[m].get("square", m)]["step_kind"]] += c.dur[m]
+    sh, nb = graph.graph["shape"], graph.graph["num_batches"]
+    return Prediction(spent["prefill"], spent["decode"], sh.batch * nb * sh.gen_len,
+                      sh.batch * nb * sh.prompt_len, c.busy(), dict(c.link_t), dict(c.link_b),
+                      dict(c.parts), overlap)

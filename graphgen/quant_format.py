@@ -1,0 +1,46 @@
+"""Sizes of graphgen's compressed format (group-wise asymmetric quantisation, executors/quant.py),
+computed from shapes alone: what the compress pass, the cost model and the optimiser need,
+without the runtime."""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+BITS = (4, 8)
+META_DTYPE = torch.bfloat16  # per-group min and scale (see executors/quant.py)
+
+
+def grouped_shapes(shape: Sequence[int], bits: int, group_size: int,
+                   group_dim: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Stored shapes (data, mins/scales) of a tensor of `shape`, group_dim normalised."""
+    shape = tuple(shape)
+    gd = _check_args(shape, bits, group_size, group_dim)
+    ng = -(-shape[gd] // group_size)
+    pre, post = shape[:gd], shape[gd + 1:]
+    return pre + (ng, group_size * bits // 8) + post, pre + (ng, 1) + post
+
+
+def quantized_nbytes(shape: Sequence[int], bits: int, group_size: int = 64, group_dim: int = -1,
+                     meta_dtype: torch.dtype = META_DTYPE) -> int:
+    """Bytes a QTensor of `shape` occupies, computed from sizes alone."""
+    dshape, mshape = grouped_shapes(shape, bits, group_size, group_dim)
+    return math.prod(dshape) + 2 * math.prod(mshape) * _itemsize(meta_dtype)
+
+
+def _check_args(shape: Tuple[int, ...], bits: int, group_size: int, group_dim: int) -> int:
+    """Validate a quantisation request; returns group_dim normalised to >= 0."""
+    if bits not in BITS:
+        raise ValueError(f"compression bits={bits} is not supported: use 4 or 8 "
+                         "(policy.compress_weight.bits / policy.compress_cache.bits)")
+    if group_size < 1 or (bits == 4 and group_size % 2):
+        raise ValueError(f"group_size={group_size} must be a positive{' even' if bits == 4 else ''} "
+                         "integer (4-bit packs two codes per byte); 64 is the usual choice")
+    if not -len(shape) <= group_dim < len(shape):
+        raise ValueError(f"group_dim={group_dim} is out of range for a tensor of shape {list(shape)}")
+    return group_dim % len(shape)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,108 @@
+"""The run report: throughput (prefill / decode / total), batch, peaks per tier, bytes and GB/s
+per link, I/O-compute overlap (with a trace), the cost model's bound; as text or JSON."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+from ..perf.simulate import predict
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.3f} GB"
+
+
+def format_report(st: Dict) -> str:
+    lines = [
+        f"model {st['model']} ({st['weights']} weights), schedule {st['schedule']}, executor {st['executor']}",
+        f"prompts {st['num_prompts']} x prompt_len {st['prompt_len']} -> gen_len {st['gen_len']}; "
+        f"effective batch {st['effective_batch']} = {st['gpu_batch_size']} x {st['num_gpu_batches']} GPU batches",
+        *compression_line(st.get("compression") or {}),
+        f"throughput  prefill {st['prefill_tok_s']:.1f} tok/s   decode {st['decode_tok_s']:.1f} tok/s   "
+        f"total {st['total_tok_s']:.2f} tok/s   (prefill {st['prefill_s']:.2f} s, decode {st['decode_s']:.2f} s)",
+        "peak memory   tier     planned      measured     budget",
+    ]
+    for tier in ("device", "host", "disk"):
+        lines.append(f"              {tier:<7}  {gb(st['planned_peak_bytes'][tier]):>11}  "
+                     f"{gb(st['measured_peak_bytes'][tier]):>11}  {gb(st['budget_bytes'][tier]):>11}")
+    if "rss_peak_bytes" in st:
+        lines += measured_lines(st)
+    moved = st.get("bytes_moved", {})
+    real = {k: v for k, v in moved.items() if k.split("->")[0] != k.split("->")[1]}
+    if real:
+        lines.append(f"bytes moved   {'link':<14} {'bytes':>11}  {'GB/s over run':>13}   {'GB/s while busy':>15}")
+        lines += [link_line(k, v, st) for k, v in sorted(real.items())]
+    if "overlap_fraction" in st:
+        both = st["overlap_fraction"] * st["io_busy_s"]
+        span = st.get("trace_span_s") or 0.0
+        lines.append(f"overlap       compute busy {st['compute_busy_s']:.2f} s, I/O busy {st['io_busy_s']:.2f} s, "
+                     f"{st['overlap_fraction']:.0%} of I/O time hidden under compute; I/O and compute overlapped "
+                     f"during {both / span if span else 0:.0%} of the run")
+    if st.get("bound_tok_s"):
+        lines.append(f"cost model    predicted {st['predicted_tok_s']:.2f} tok/s, bound {st['bound_tok_s']:.2f} tok/s "
+                     f"({st.get('bottleneck', '?')}); measured reaches {st['total_tok_s'] / st['bound_tok_s']:.0%}"
+                     " of the bound")
+    for n, f in enumerate(st.get("files", [])):
+        lines.append(("files         " if n == 0 else " " * 14) + f)
+    return "\n".join(lines)
+
+
+def measured_lines(st: Dict) -> list:
+    """Measured peaks (the 'measured' column above is the tiers' accounting) against the plan."""
+    planned = st["planned_peak_bytes"]
+    ram_plan = planned["host"] + (planned["device"] if st.get("device_type") == "cpu" else 0)
+    grew = st["rss_peak_bytes"] - st["rss_start_bytes"]
+    limit = ram_plan + st["overhead_bytes"]
+    what = "device + host" if st.get("device_type") == "cpu" else "host"
+    out = [f"measured      RAM: process RSS peak {gb(st['rss_peak_bytes'])}, {gb(grew)} above the process before "
+           f"weights; plan ({what}) {gb(ram_plan)} + stated overhead {gb(st['overhead_bytes'])} = {gb(limit)}: "
+           f"{'within' if grew <= limit else 'OVER'}"]
+    if st.get("device_type") == "cuda":
+        out.append(f"              GPU: CUDA max allocated {gb(st['cuda_peak_bytes'])}, plan {gb(planned['device'])}")
+    return out
+
+
+def compression_line(comp: Dict) -> list:
+    """One line when weights or the cache are stored quantised (passes/compress.py), else none."""
+    parts = [f"{what} {c['bits']}-bit g{c['group_size']} ({gb(c['bytes'])}, {c['ratio']:.0%} of dense)"
+             for what, c in (("weights", comp.get("weight")), ("cache", comp.get("cache"))) if c]
+    return ["compression   " + ", ".join(parts)] if parts else []
+
+
+def link_line(link: str, nbytes: int, st: Dict) -> str:
+    """Bytes over one link; GB/s over the whole generate time, and while that link was busy (trace)."""
+    secs = st["prefill_s"] + st["decode_s"]
+    busy = st.get("link_busy_s", {}).get(link)
+    run_rate = f"{nbytes / secs / 1e9:.3f}" if secs else "-"
+    busy_rate = f"{nbytes / busy / 1e9:.3f}" if busy else "- (no trace)"
+    return f"              {link:<14} {gb(nbytes):>11}  {run_rate:>13}   {busy_rate:>15}"
+
+
+def add_prediction(st: Dict, cfg, graph) -> None:
+    """The cost model's prediction and bound for this graph, when hardware.profile is configured
+    (an empty profile would mean measuring the machine: not done behind a run's back)."""
+    if not cfg.hardware.profile or graph is None:
+        return
+    pr = predict(cfg, graph)
+    st.update(predicted_tok_s=pr.total_tok_s, bound_tok_s=pr.bound_tok_s, bottleneck=pr.bottleneck)
+
+
+def to_json(st: Dict) -> str:
+    return json.dumps(st, indent=2, sort_keys=True)
+
+
+def emit(st: Dict, cfg, out_dir=None, text: Optional[str] = None) -> None:
+    """Print the report: text on stdout; with report.json, JSON on stdout (text on stderr) and report.json."""
+    text = format_report(st) if text is None else text
+    if not cfg.report.json:
+        print(text)
+        return
+    print(text, file=sys.stderr)
+    if out_dir is not None:
+        path = Path(out_dir) / "report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        st["files"] = list(st.get("files", [])) + [str(path)]
+        path.write_text(to_json(st) + "\n")
+    print(to_json(st))

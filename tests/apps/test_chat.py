@@ -1,0 +1,71 @@
+"""Chat sessions keep the KV cache between turns and answer as re-encoding the history would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphgen import LLM
+
+from ..fake_llm import make_opt_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TURNS = [[5, 17, 33, 40], [9, 12], [60, 61, 62]]
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory):
+    return make_opt_checkpoint(tmp_path_factory.mktemp("chat-opt"))
+
+
+@pytest.mark.parametrize("percent,cpu", [("[100,0,100,0,100,0]", "false"), ("[0,0,0,0,0,0]", "true"),
+                                         ("[0,100,0,100,0,100]", "true")])
+def test_turns_equal_reencoding_the_history(chat_ckpt, tmp_path, percent, cpu):
+    """Each reply equals generate() over the whole history so far, including a turn cut short
+    (its unkept tokens stay in the cache, masked out)."""
+    llm = LLM(str(chat_ckpt), ["model.dtype=float32", f"policy.percent={percent}",
+                               f"policy.cpu_attention={cpu}", f"hardware.offload_dir={tmp_path}"])
+    with llm, llm.chat(max_context=64) as s:
+        cuts = [lambda t: len(t), lambda t: 2, lambda t: len(t)]
+        replies = [s.send(t, max_new_tokens=5, cut=c) for t, c in zip(TURNS, cuts)]
+        assert s.context_len == sum(map(len, TURNS)) + sum(map(len, replies))
+        hist = []
+        for t, r in zip(TURNS, replies):
+            hist += t
+            ref = llm_generate_closed(llm, s, hist)
+            assert ref[:len(r)] == r
+            hist += r
+
+
+def llm_generate_closed(llm, session, hist):
+    """generate() over the history with the session paused (it owns the executor's cache)."""
+    llm.session = None
+    try:
+        return llm.generate(torch.tensor([hist]), max_new_tokens=5)[0, len(hist):].tolist()
+    finally:
+        llm.session = session
+
+
+def test_a_session_refuses_what_its_cache_cannot_hold(chat_ckpt):
+    with LLM(str(chat_ckpt), ["model.dtype=float32"]) as llm, llm.chat(max_context=12) as s:
+        s.send([5, 6, 7], max_new_tokens=4)
+        with pytest.raises(ValueError, match="start a new session"):
+            s.send([8, 9, 10, 11], max_new_tokens=4)
+        with pytest.raises(RuntimeError, match="chat session is open"):
+            llm.generate(torch.tensor([[5, 6]]), max_new_tokens=2)
+
+
+def test_chat_app_through_a_pipe(chat_ckpt):
+    """The app reads turns from a pipe, answers each, and exits at end of input."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "graphgen.apps.chat", "--model", str(chat_ckpt),
+                        "--max-new-tokens", "6", "--temperature", "0", "--system", "Hi.\n", "model.dtype=float32"],
+                       input="Hello there\nHow are you?\n/reset\nAgain\n", capture_output=True, text=True,
+                       cwd=ROOT, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("Assistant:") == 3
+    assert "context" in r.stderr
