@@ -20,11 +20,16 @@ from graphgen.models import build_spec, hf_config_from_arch
 from passes import PassError, run_pipeline
 
 from ..conftest import left_padded_batch, make_opt
-from .test_pipeline import TINY, compiled
+from .graphs import TINY, compiled as compiled_cfg
 
 W4 = "policy.compress_weight.bits=4"
 C8 = "policy.compress_cache.bits=8"
 ALL_HOST = "policy.percent=[0,100,0,100,100,0]"
+
+
+def compiled(overrides=(), names=None):
+    """The pass tests' tiny graph, configured by CLI-style overrides (the compress keys' names)."""
+    return compiled_cfg(compose(list(overrides)), names)
 
 
 def layer_bytes(layer, bits, itemsize=4):
