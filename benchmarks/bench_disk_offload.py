@@ -47,9 +47,9 @@ from common import (LLM, Run, best, drop_page_cache, free, graphgen_generate, hf
                     hf_generate, machine, matmul_peak, parse_ints, prompts)
 from executors.memory import keep_freed_memory  # noqa: E402
 from executors.disk import FileIO, aligned_empty  # noqa: E402
-from graphgen.build import build_graph  # noqa: E402
-from graphgen.config import parse_bytes  # noqa: E402
-from passes import PassError, run_pipeline  # noqa: E402
+from graphgen.compile import BlockShape, compile, spec_for  # noqa: E402
+from graphgen.config import compose, parse_bytes  # noqa: E402
+from graphgen.verify import PassError  # noqa: E402
 
 
 # --- setup --------------------------------------------------------------------------------------
@@ -166,12 +166,9 @@ def interleaved(sizes, disk_fraction: float):
 
 def graphgen_config(args, ckpt: Path, nb: int, budget, in_ram: bool = False):
     """The run's typed config: every weight in RAM, then the interleaved disk layers (unless in_ram)."""
-    from graphgen.config import compose
-    from graphgen.models import build_spec, hf_config_from_dir
-
     cfg = compose(overrides(args, ckpt, 100, nb, budget))
     if not in_ram:
-        spec = build_spec(hf_config_from_dir(ckpt))
+        spec = spec_for(cfg, ckpt)
         share = args.gg_disk_fraction if args.gg_disk_fraction is not None else args.disk_fraction
         cfg.policy.weight_overrides = interleaved([layer.numel for layer in spec.layers], share)
     return cfg
@@ -192,12 +189,11 @@ def fitting_batches(args, ckpt: Path, budget: int) -> int:
     with LLM(config=graphgen_config(args, ckpt, 1, budget)) as llm:
         best_nb = 0
         for nb in range(1, args.max_batches + 1):
-            g = build_graph(llm.spec, batch=args.gbs, num_batches=nb, prompt_len=args.prompt_len,
-                            gen_len=args.gen_len, dtype="bfloat16")
             try:
-                peaks = run_pipeline(g, llm.cfg).graph["peak_bytes"]
+                g = compile(llm.spec, llm.cfg, BlockShape(args.prompt_len, args.gen_len, args.gbs, nb))
             except PassError:
                 break
+            peaks = g.graph["peak_bytes"]
             if peaks["host"] + peaks["device"] > budget + aliased(g):
                 break
             best_nb = nb

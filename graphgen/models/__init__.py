@@ -1,9 +1,8 @@
 """Model registry: HF `model_type` -> architecture spec class."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Type
 
 from .base import LayerSpec, ModelSpec, WeightSpec, positions_from_mask  # noqa: F401
 from .opt import OPTSpec
@@ -56,7 +55,3 @@ def hf_config_from_dir(path: str | Path):
 def build_spec(hf_config: Any, name: str = "") -> ModelSpec:
     return spec_class(hf_config.model_type)(hf_config, name)
 
-
-def read_config_json(path: str | Path) -> Optional[dict]:
-    f = Path(path) / "config.json"
-    return json.loads(f.read_text()) if f.exists() else None

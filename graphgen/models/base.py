@@ -20,8 +20,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-LAYER_KINDS = ("embed", "attn", "mlp", "head")
-
 
 @dataclass(frozen=True)
 class WeightSpec:

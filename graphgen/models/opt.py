@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
 import torch.nn.functional as F
 
 from .base import ModelSpec, WeightSpec
