@@ -1,4 +1,4 @@
-"""Pictures and exports: schedule grid, timeline, Chrome trace, GraphML / DOT, the run's files,
+"""Pictures and exports (the schedule picture: test_schedule.py): timeline, Chrome trace, GraphML / DOT, the run's files,
 the report (text and JSON) and the progress bar. Files are checked for being well formed."""
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from graphgen.run import run
 from graphgen.report.metrics import trace_metrics
 from graphgen.report.timeline import chrome_trace, write_chrome_trace, write_timeline
 from graphgen.report.files import write_dot, write_graphml
-from graphgen.report.schedule import DETAIL_MAX_SQUARES, draw_schedule, schedule_grid, write_schedule
 from executors.trace import Event, Trace
 from passes import run_pipeline
 
@@ -45,34 +44,6 @@ def compiled(schedule="zigzag", layers=1, tokens=3, batches=4, extra=()):
     spec = build_spec(hf_config_from_arch(cfg.model.arch), cfg.model.name)
     g = build_graph(spec, batch=2, num_batches=batches, prompt_len=8, gen_len=tokens, dtype="float32")
     return run_pipeline(g, cfg)
-
-
-# --- schedule picture -----------------------------------------------------------------------------
-
-def test_schedule_picture_files(tmp_path):
-    paths = write_schedule(compiled("zigzag"), tmp_path / "sched", ["png", "svg"])
-    assert [p.suffix for p in paths] == [".png", ".svg"]
-    assert is_png(paths[0]) and is_svg(paths[1])
-
-
-def test_row_and_zigzag_grids_differ():
-    row, zig = schedule_grid(compiled("row")), schedule_grid(compiled("zigzag"))
-    assert row.order.shape == zig.order.shape == (4, 3, 4)  # [layers, tokens, batches]
-    assert zig.order[0, 0].tolist() == [0, 1, 2, 3]  # zig-zag: layer 0 of every batch first
-    assert row.order[:, 0, 0].tolist() == [0, 1, 2, 3]  # row: batch 0 through every layer first
-    # zig-zag loads each offloaded layer's weights once per token, row once per square
-    assert len(zig.w_loads) == 4 * 3 and len(row.w_loads) == 4 * 3 * 4
-    assert set(zig.w_home) <= {"host", "disk"} and set(zig.kv_home.values()) == {"device", "host"}
-
-
-def test_small_graph_is_numbered_big_graph_is_an_image():
-    fig = draw_schedule(compiled("zigzag"))
-    numbers = {t.get_text() for t in fig.axes[0].texts}
-    assert {str(n) for n in range(48)} <= numbers
-    big = compiled("row", layers=6, tokens=12, batches=4)
-    assert sum(1 for _ in squares(big)) > DETAIL_MAX_SQUARES
-    ax = draw_schedule(big).axes[0]
-    assert ax.images and not any(t.get_text() == "100" for t in ax.texts)
 
 
 # --- graph export ------------------------------------------------------------------------------------
