@@ -98,6 +98,11 @@ class VizConfig:
     graph: bool = False  # the compiled graph as GraphML and DOT
     formats: List[str] = field(default_factory=lambda: ["png", "svg"])
     out_dir: Optional[str] = None  # None: Hydra's run directory (the current directory outside Hydra)
+    # the schedule picture's detail window: [first, last] token steps / layers / GPU batches drawn
+    # square by square (null: the first 2 token steps, the first 7 layers, up to 8 batches)
+    detail_tokens: Optional[List[int]] = None
+    detail_layers: Optional[List[int]] = None
+    detail_batches: Optional[List[int]] = None
 
 
 JOB_NAMES = ("generate", "batch", "simulate", "plan")  # the run modes (conf/job/)

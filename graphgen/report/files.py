@@ -10,7 +10,7 @@ from typing import List, Optional
 import networkx as nx
 import numpy as np
 
-from .schedule import TIER_COLORS, write_schedule
+from .schedule import TIER_COLORS, Window, default_window, write_schedule
 from .timeline import write_chrome_trace, write_timeline
 
 
@@ -91,7 +91,8 @@ def write_visuals(cfg, graph: nx.DiGraph, trace=None, out: Optional[Path] = None
         raise ValueError(f"viz.formats has {bad}: use png, svg or pdf")
     paths: List[Path] = []
     if v.schedule:
-        paths += write_schedule(graph, out / f"schedule-{graph.graph.get('schedule', 'graph')}", formats)
+        paths += write_schedule(graph, out / f"schedule-{graph.graph.get('schedule', 'graph')}", formats,
+                                detail_window(v, graph))
     if v.timeline:
         if trace is None or not trace.events:
             raise ValueError("viz.timeline needs a run trace: set executor.trace=true (run() does so)")
@@ -101,6 +102,24 @@ def write_visuals(cfg, graph: nx.DiGraph, trace=None, out: Optional[Path] = None
         out.mkdir(parents=True, exist_ok=True)
         paths += [write_graphml(graph, out / "graph.graphml"), write_dot(graph, out / "graph.dot")]
     return paths
+
+
+def detail_window(v, graph: nx.DiGraph) -> Window:
+    """viz.detail_tokens / detail_layers / detail_batches ([first, last], null = default) as a Window."""
+    T, L, nb = graph.graph["num_tokens"], graph.graph["num_layers"], graph.graph["num_batches"]
+    default = default_window(T, L, nb)
+    spans = []
+    for key, n, d in (("detail_tokens", T, default.tokens), ("detail_layers", L, default.layers),
+                      ("detail_batches", nb, default.batches)):
+        val = getattr(v, key)
+        if val is None:
+            spans.append(d)
+        elif len(val) == 2 and 0 <= val[0] <= val[1] < n:
+            spans.append(range(val[0], val[1] + 1))
+        else:
+            raise ValueError(f"viz.{key}={list(val)}: give [first, last] with 0 <= first <= last <= {n - 1} "
+                             f"(this plan has {n}), or null for the default")
+    return Window(*spans)
 
 
 def wanted(cfg) -> bool:

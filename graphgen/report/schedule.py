@@ -143,7 +143,8 @@ def check_window(w: Window, T: int, L: int, nb: int) -> Window:
         if not len(r) or r.step != 1 or r.start < 0 or r.stop > n:
             raise ValueError(f"schedule window {name}={r} must be a non-empty range within 0..{n - 1}")
     if w.size > 4 * DETAIL_MAX_SQUARES:
-        raise ValueError(f"schedule window has {w.size} squares: draw at most {4 * DETAIL_MAX_SQUARES} in detail")
+        raise ValueError(f"schedule window has {w.size} squares, more than {4 * DETAIL_MAX_SQUARES} drawn in detail: "
+                         f"narrow viz.detail_tokens / viz.detail_layers / viz.detail_batches")
     return w
 
 

@@ -161,3 +161,17 @@ def test_opt_175b_plan_draws_in_seconds(tmp_path):
     assert img.shape == (194, 1600, 3)
     pure = {tuple(np.round(_rgb(c), 6)) for c in BATCH_COLORS} | {(1.0, 1.0, 1.0)}
     assert any(tuple(np.round(px, 6)) not in pure for px in img.reshape(-1, 3).tolist())
+
+
+def test_detail_window_from_config(tmp_path):
+    from graphgen.report.files import detail_window, write_visuals
+
+    g = real("zigzag")
+    cfg = compose(["viz.schedule=true", "viz.formats=[png]", "viz.detail_tokens=[3,3]", "viz.detail_layers=[10,13]"])
+    assert detail_window(cfg.viz, g) == Window(range(3, 4), range(10, 14), range(4))
+    path, = write_visuals(cfg, g, out=tmp_path / "run")
+    assert path.name == "schedule-zigzag.png" and path.read_bytes()[:8] == PNG_MAGIC
+    bad = compose(["viz.schedule=true", "viz.formats=[png]", "viz.detail_layers=[20,30]"])
+    with pytest.raises(ValueError, match=r"viz.detail_layers=\[20, 30\].*<= 25"):
+        write_visuals(bad, g, out=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
