@@ -191,7 +191,7 @@ def _draw_overview(g: Grid, w: Window):
     gs = fig.add_gridspec(2, 2, width_ratios=[dw, 7.5], height_ratios=[max(dh, 5.5), 3.0])
     _draw_detail(fig.add_subplot(gs[0, 0]), g, w, whole=False)
     _draw_whole(fig.add_subplot(gs[0, 1]), g, w)
-    _draw_traversal(fig.add_subplot(gs[1, :]), g, w)
+    draw_traversal(fig.add_subplot(gs[1, :]), g, w)
     return fig
 
 
@@ -315,8 +315,11 @@ def _legend(ax, g: Grid, w: Window) -> None:
             items.append(Line2D([], [], ls="", marker=verts, color="#444", ms=7, label=MARK_LABELS[mark]))
     if inside & g.attn_host:
         items.append(Patch(facecolor="white", edgecolor="#999", hatch="///", label="attention on host"))
-    ax.legend(handles=items, loc="upper center", bbox_to_anchor=(.5, -.06), ncol=min(len(items), 4),
-              fontsize=7, frameon=False)
+    from matplotlib.transforms import offset_copy
+
+    below = offset_copy(ax.transAxes, fig=ax.figure, y=-30, units="points")  # under the x label
+    ax.legend(handles=items, loc="upper center", bbox_to_anchor=(.5, 0), bbox_transform=below,
+              ncol=min(len(items), 4), fontsize=7, frameon=False)
 
 
 # --- (b) the whole run, (c) the traversal --------------------------------------------------------------
@@ -357,16 +360,18 @@ def _draw_whole(ax, g: Grid, w: Window) -> None:
     ax.set_title(f"(b) whole run, shade = execution step; red box = (a)", fontsize=9, loc="left")
 
 
-def _draw_traversal(ax, g: Grid, w: Window, max_cols: int = 1600) -> None:
+def draw_traversal(ax, g: Grid, w: Optional[Window] = None, max_cols: int = 1600) -> None:
     """Layer j against execution step, each square a cell coloured by its GPU batch; when several
-    steps share an image column, the column shows the mean of their colours."""
+    steps share an image column, the column shows the mean of their colours. The squares of the
+    window w (if any) are marked by red bands."""
     from matplotlib.lines import Line2D
 
     L, T, nb = g.order.shape
     n = int(g.order.max()) + 1
     img = traversal_image(g, max_cols)
     ax.imshow(img, aspect="auto", interpolation="nearest", extent=(-.5, n - .5, L - .5, -.5))
-    sub = g.order[w.layers.start:w.layers.stop, w.tokens.start:w.tokens.stop, w.batches.start:w.batches.stop]
+    sub = g.order[w.layers.start:w.layers.stop, w.tokens.start:w.tokens.stop, w.batches.start:w.batches.stop] \
+        if w else np.zeros(0, dtype=np.int64)
     for lo, hi in _runs(np.sort(sub.ravel())):  # at least 1/400 of the axis wide, to stay visible
         mid, half = (lo + hi) / 2, max(hi - lo + 1, n / 400) / 2
         ax.axvspan(mid - half, mid + half, color=PATH_COLOR, alpha=.18, lw=0)
