@@ -150,33 +150,23 @@ def check_window(w: Window, T: int, L: int, nb: int) -> Window:
 
 # --- the figure ---------------------------------------------------------------------------------------
 
-def draw_schedule(graph: nx.DiGraph, ax=None, detail: Optional[bool] = None, title: bool = True,
-                  window: Optional[Window] = None):
-    """Draw the schedule of a compiled graph; returns the Figure.
-
-    detail=True (default when the window is the whole grid): panel (a) alone; else (a) + (b) + (c),
-    or (b) alone into a given `ax`."""
+def draw_schedule(graph: nx.DiGraph, ax=None, title: bool = True, window: Optional[Window] = None):
+    """Draw the schedule of a compiled graph; returns the Figure: panel (a) alone when the window is
+    the whole grid or an `ax` is given to draw it into, else (a) + (b) + (c)."""
     g = schedule_grid(graph)
     L, T, nb = g.order.shape
     w = check_window(window or default_window(T, L, nb), T, L, nb)
-    if detail is None:
-        detail = w.size == g.order.size
-    if ax is not None and not detail:
-        _draw_whole(ax, g, w)
-        fig = ax.figure
-        if title:
-            ax.set_title(schedule_title(graph, g), fontsize=9)
-    elif detail:
-        ax = ax or new_figure(*detail_size(len(w.tokens), len(w.batches), len(w.layers))).add_subplot()
-        _draw_detail(ax, g, w, whole=w.size == g.order.size)
-        fig = ax.figure
-        if title:
-            ax.set_title(schedule_title(graph, g), fontsize=9)
-    else:
+    if ax is None and w.size < g.order.size:
         fig = _draw_overview(g, w)
         if title:
             fig.suptitle(schedule_title(graph, g), fontsize=10)
-    return fig
+        return fig
+    ax = ax or new_figure(*detail_size(len(w.tokens), len(w.batches), len(w.layers))).add_subplot()
+    _draw_detail(ax, g, w)
+    if title:
+        part = "" if w.size == g.order.size else f"\ndetail: {_window_text(g, w)}"
+        ax.set_title(schedule_title(graph, g) + part, fontsize=9)
+    return ax.figure
 
 
 def detail_size(T: int, nb: int, L: int):
@@ -189,7 +179,10 @@ def _draw_overview(g: Grid, w: Window):
     dw, dh = detail_size(len(w.tokens), len(w.batches), len(w.layers))
     fig = new_figure(dw + 7.5, max(dh, 5.5) + 3.2)
     gs = fig.add_gridspec(2, 2, width_ratios=[dw, 7.5], height_ratios=[max(dh, 5.5), 3.0])
-    _draw_detail(fig.add_subplot(gs[0, 0]), g, w, whole=False)
+    a = fig.add_subplot(gs[0, 0])
+    _draw_detail(a, g, w)
+    a.set_title(f"(a) detail: {_window_text(g, w)}\nnumber = execution step, red = traversal path",
+                fontsize=9, loc="left")
     _draw_whole(fig.add_subplot(gs[0, 1]), g, w)
     draw_traversal(fig.add_subplot(gs[1, :]), g, w)
     return fig
@@ -197,11 +190,10 @@ def _draw_overview(g: Grid, w: Window):
 
 # --- (a) detail --------------------------------------------------------------------------------------
 
-def _draw_detail(ax, g: Grid, w: Window, whole: bool) -> None:
+def _draw_detail(ax, g: Grid, w: Window) -> None:
     """Numbered squares, the traversal path, load/store corner marks, tier side bars."""
     from matplotlib.patches import Polygon, Rectangle
 
-    L, T, nb = g.order.shape
     kw = len(w.batches)
     last = max(1, int(g.order.max()))
     cmap = _cmap()
@@ -237,11 +229,12 @@ def _draw_detail(ax, g: Grid, w: Window, whole: bool) -> None:
     ax.set_aspect("equal")
     for side in ("top", "right", "bottom", "left"):
         ax.spines[side].set_visible(False)
-    if not whole:
-        ax.set_title(f"(a) detail: {_span('token', w.tokens, T)}, {_span('layer', w.layers, L)}, "
-                     f"{_span('GPU batch', w.batches, nb)}\nnumber = execution step, red = traversal path",
-                     fontsize=9, loc="left")
     _legend(ax, g, w)
+
+
+def _window_text(g: Grid, w: Window) -> str:
+    L, T, nb = g.order.shape
+    return f"{_span('token', w.tokens, T)}, {_span('layer', w.layers, L)}, {_span('GPU batch', w.batches, nb)}"
 
 
 def _span(name: str, r: range, n: int) -> str:
@@ -357,7 +350,7 @@ def _draw_whole(ax, g: Grid, w: Window) -> None:
     ax.set_xlabel(f"token step i (each spans its {nb} GPU batches)", fontsize=8)
     _layer_axis(ax, g, range(L), fontsize=6)
     ax.figure.colorbar(im, ax=ax, label="execution step", shrink=.8, pad=.01)
-    ax.set_title(f"(b) whole run, shade = execution step; red box = (a)", fontsize=9, loc="left")
+    ax.set_title("(b) whole run, shade = execution step; red box = (a)", fontsize=9, loc="left")
 
 
 def draw_traversal(ax, g: Grid, w: Optional[Window] = None, max_cols: int = 1600) -> None:

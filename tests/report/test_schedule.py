@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,6 +128,16 @@ def _rgb(c):
     from matplotlib.colors import to_rgb
 
     return to_rgb(c)
+
+
+def test_detail_into_a_given_axes(real_figs):
+    from graphgen.report.schedule import new_figure
+
+    ax = new_figure(8, 5).add_subplot()
+    fig = draw_schedule(real("row"), ax=ax)
+    assert fig.axes == [ax] and not ax.images  # panel (a) alone: no whole-run or traversal image
+    assert numbers(ax) == sorted(real_figs["row"][0].order[:7, :2, :].ravel().tolist())
+    assert "detail: tokens 0-1 of 8, layers 0-6 of 26, all 4 GPU batches" in ax.get_title()
 
 
 def test_window_is_chosen_and_checked():
