@@ -274,8 +274,8 @@ def _side_bars(ax, g: Grid, w: Window, left: float, right: float) -> None:
             if tier:
                 ax.add_patch(Rectangle((right + .5 * ki - .2, y - .45), .45, .9, facecolor=TIER_COLORS[tier],
                                        edgecolor="w", lw=.5))
-    ax.text(left, -.6, "W", ha="center", va="bottom", fontsize=7)
-    ax.text(right + .25 * (len(w.batches) - 1), -.6, "KV", ha="center", va="bottom", fontsize=7)
+    ax.text(left, -.6, "weights", ha="center", va="bottom", fontsize=7)
+    ax.text(right + .25 * (len(w.batches) - 1), -.6, "KV cache", ha="center", va="bottom", fontsize=7)
 
 
 def _layer_axis(ax, g: Grid, layers: range, fontsize: int) -> None:
@@ -346,7 +346,7 @@ def _draw_whole(ax, g: Grid, w: Window) -> None:
     ax.set_xlim(-2.5 * pad, x0 + 2 * pad)
     step = max(1, T // 16)
     ax.set_xticks([-2 * pad] + [i * nb + (nb - 1) / 2 for i in range(0, T, step)] + [x0 + pad],
-                  ["W"] + [str(i) for i in range(0, T, step)] + ["KV"], fontsize=7)
+                  ["weights"] + [str(i) for i in range(0, T, step)] + ["KV"], fontsize=7)
     ax.set_xlabel(f"token step i (each spans its {nb} GPU batches)", fontsize=8)
     _layer_axis(ax, g, range(L), fontsize=6)
     ax.figure.colorbar(im, ax=ax, label="execution step", shrink=.8, pad=.01)
