@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import drop_page_cache  # noqa: E402
+from executors.disk import default_offload_dir  # noqa: E402
 from graphgen import LLM  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--executor", default="async")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; 1 is steadier "
                     "on a shared CPU, where threads of the load and compute streams contend)")
-    ap.add_argument("--offload-dir", default=os.environ.get("GRAPHGEN_OFFLOAD_DIR", "/tmp/graphgen-offload"))
+    ap.add_argument("--offload-dir", default=default_offload_dir())
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

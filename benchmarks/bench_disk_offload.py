@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (LLM, Run, best, drop_page_cache, free, graphgen_generate, hf_dummy_model,  # noqa: E402
                     hf_generate, machine, matmul_peak, parse_ints, prompts)
 from executors.memory import keep_freed_memory  # noqa: E402
-from executors.disk import FileIO, aligned_empty  # noqa: E402
+from executors.disk_io import FileIO, aligned_empty  # noqa: E402
 from graphgen.compile import BlockShape, compile, spec_for  # noqa: E402
 from graphgen.config import compose, parse_bytes  # noqa: E402
 from graphgen.verify import PassError  # noqa: E402

@@ -18,7 +18,7 @@ import torch
 
 from graphgen.config import parse_bytes
 
-from .disk import ALIGN
+from .disk_io import ALIGN
 
 
 class CudaStreams:

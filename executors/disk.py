@@ -1,46 +1,65 @@
-"""Disk tier: values in files under a private directory of the offload dir.
+"""Disk tier: values in files of a private run directory inside the offload dir.
 
-Fast and honest:
-- large requests (CHUNK bytes) spread over an I/O thread pool, read straight into
-  4096-aligned tensor memory;
-- O_DIRECT where the filesystem allows it, so the page cache never makes a "disk" run fast
-  (elsewhere: buffered I/O, then posix_fadvise(DONTNEED) on what was read or written);
-- weights already in a safetensors checkpoint are read in place (put_external), not copied;
-- the free space is checked before anything is written (check_space), and the private
-  directory is removed on close, after an error, and at interpreter exit.
-File layout: a value's tensors back to back at 4096-aligned offsets; a KV cache
-[2, S_max, ...] as two halves, each at an aligned offset, so a prefix is two reads.
+Placement: a value's tensors back to back at 4096-aligned offsets in one file; a KV cache
+[2, S_max, ...] as two halves, each at an aligned offset, so a prefix is two reads; weights
+already in a safetensors checkpoint are read in place (put_external), not copied. The free
+space is checked before anything is written (check_space). The reads and writes themselves
+(O_DIRECT, thread pool, read buffers) are executors/disk_io.py.
+
+The offload dir may be shared (e.g. /tmp), so:
+- the default is private to the user: $GRAPHGEN_OFFLOAD_DIR, else $XDG_CACHE_HOME/graphgen/offload
+  (~/.cache/graphgen/offload), made with mode 0700. Not $XDG_RUNTIME_DIR: a RAM-backed tmpfs
+  would turn the "disk" tier into memory;
+- an offload dir owned by another user (root's excepted), or writable by group or others
+  without the sticky bit, is refused before anything is written;
+- the run's directory is made like mkdtemp (a random name, mode 0700) relative to the offload
+  dir's descriptor, and every file is opened relative to the run directory's descriptor with
+  O_NOFOLLOW (new files with O_EXCL): renaming either path or swapping in a symlink cannot
+  redirect a read or a write;
+- nothing is created before the first write (an all-device run never touches the offload dir);
+- the run directory holds a lock file, flocked while the run lives; it is removed on close,
+  after an error, at interpreter exit and on SIGTERM (which unwinds like Ctrl-C); a directory
+  whose lock nobody holds (its run was SIGKILLed) is reclaimed by the next run that opens the
+  offload dir.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import secrets
 import shutil
-import tempfile
+import signal
+import stat
+import sys
 import threading
+import time
 import weakref
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, Optional, Tuple
 
-import numpy as np
 import torch
 
+from .disk_io import ALIGN, CHUNK, FileIO, ReadBuffers, align, aligned_empty, direct_io_works, merge_spans  # noqa: F401
 from .tiers import Tier, Value, nbytes
 
-ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and memory (>= any logical block size)
-CHUNK = 8 << 20  # bytes per request: large and sequential, several in flight
-MERGE_GAP = 1 << 20  # in-place reads: tensors closer than this in a file are read in one request
+RUN_PREFIX = "graphgen-"  # run directories in the offload dir
+LOCK = ".lock"  # in a run directory: flocked by its run while it lives
+ORPHAN_AGE_S = 600  # a run directory without a lock this old was left by a run killed while making it
 
 
 class DiskFull(OSError):
     """The offload directory cannot hold what the plan writes there."""
 
 
+class UnsafeOffloadDir(PermissionError):
+    """The offload directory could let another user read or redirect graphgen's files."""
+
+
 @dataclass(frozen=True)
 class Extent:
-    """One tensor of a value: where it lies in which file, stored as which dtype and shape."""
+    """One tensor of a value: where it lies in which file, stored as which dtype and shape.
+    `path`: a name in the run directory, or the absolute path of a checkpoint read in place."""
 
     name: str
     path: str
@@ -53,158 +72,267 @@ class Extent:
         return _prod(self.shape) * _itemsize(self.dtype)
 
 
-class FileIO:
-    """Chunked, parallel, aligned positioned reads and writes (O_DIRECT when `direct`)."""
+def default_offload_dir() -> str:
+    """$GRAPHGEN_OFFLOAD_DIR, else a per-user directory under $XDG_CACHE_HOME (~/.cache)."""
+    env = os.environ.get("GRAPHGEN_OFFLOAD_DIR")
+    if env:
+        return env
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "graphgen", "offload")
 
-    def __init__(self, threads: int, direct: bool):
-        self.direct = direct
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="graphgen-io")
-        self._stage = threading.local()  # one aligned CHUNK buffer per I/O thread, made on first use
 
-    def read(self, path: str, ranges: Sequence[Tuple[int, int]],
-             alloc: Optional[Callable[[int], torch.Tensor]] = None) -> List[torch.Tensor]:
-        """Bytes [off, off + n) of `path` for each (off, n), as uint8 tensors in aligned memory
-        (from `alloc(nbytes)`, default: fresh)."""
-        jobs, outs = [], []
-        for off, n in ranges:
-            a0 = off // ALIGN * ALIGN
-            buf = (alloc or aligned_empty)(_align(off + n) - a0)
-            jobs.append((a0, buf, off + n - a0))
-            outs.append(buf[off - a0:off - a0 + n])
-        self.read_into(path, jobs)
-        return outs
+# --- the offload dir and the run's directory ----------------------------------------------------
 
-    def read_into(self, path: str, jobs: Sequence[Tuple[int, torch.Tensor, int]]) -> None:
-        """For each (aligned file offset, aligned uint8 buffer, bytes needed): fill the buffer."""
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
+class RunDir:
+    """This run's private directory in the offload dir: made on first use, locked while the run
+    lives, removed by cleanup() (close, error, interpreter exit, SIGTERM)."""
+
+    def __init__(self, offload_dir: str):
+        self.offload_dir = offload_dir
+        self.parent_fd: Optional[int] = None  # the checked offload dir
+        self.fd: Optional[int] = None  # the run directory
+        self.lock_fd: Optional[int] = None
+        self.name: Optional[str] = None
+        self.made: List[str] = []  # directories created for the offload dir, deepest first
+        self.reclaimed = (0, 0)  # (stale run directories removed, their bytes)
+
+    @property
+    def path(self) -> Optional[str]:
+        return os.path.join(self.offload_dir, self.name) if self.name else None
+
+    def open_parent(self) -> int:
+        """The offload dir, checked, after reclaiming what killed runs left there."""
+        if self.parent_fd is None:
+            self.parent_fd, self.made = open_offload_dir(self.offload_dir)
+            self.reclaimed = reclaim_stale(self.parent_fd, self.offload_dir)
+        return self.parent_fd
+
+    def create(self) -> int:
+        parent = self.open_parent()
         try:
-            parts = [(fd, buf, c, off + c, min(CHUNK, need - c)) for off, buf, need in jobs for c in range(0, need, CHUNK)]
-            _run(self.pool, _pread, parts)
-            if not self.direct:
-                for off, _, need in jobs:
-                    os.posix_fadvise(fd, off, need, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+            self.name, self.fd, self.lock_fd = make_run_dir(parent)
+        except OSError as e:
+            raise OSError(e.errno, f"hardware.offload_dir={self.offload_dir!r} is not writable ({e.strerror}): "
+                                   "set hardware.offload_dir to a writable directory") from None
+        return self.fd
 
-    def write(self, path: str, off: int, data: torch.Tensor) -> None:
-        """data (uint8, contiguous) at aligned offset `off`; the file is already sized to hold it."""
-        fd = os.open(path, os.O_WRONLY | (os.O_DIRECT if self.direct else 0))
+    def cleanup(self, io: Optional[FileIO] = None) -> None:
+        if io is not None:
+            io.close()
+        if self.name is not None:
+            shutil.rmtree(self.name, dir_fd=self.parent_fd, ignore_errors=True)
+        for fd in (self.lock_fd, self.fd, self.parent_fd):
+            if fd is not None:
+                os.close(fd)
+        self.name = self.fd = self.lock_fd = self.parent_fd = None
+        _remove_dirs(self.made)
+        self.made = []
+
+
+def open_offload_dir(path: str) -> Tuple[int, List[str]]:
+    """(descriptor of the offload dir, the directories made for it): made 0700 where missing,
+    refused when another user could write into it or owns it."""
+    made = _missing_parents(path)
+    try:
+        for d in reversed(made):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                made.remove(d)
+        fd = _open_dir(path)
+    except OSError as e:
+        _remove_dirs(made)
+        if isinstance(e, UnsafeOffloadDir):
+            raise
+        raise OSError(e.errno, f"hardware.offload_dir={path!r} is not writable ({e.strerror}): "
+                               "set hardware.offload_dir to a writable directory") from None
+    try:
+        check_private(os.fstat(fd), path)
+    except UnsafeOffloadDir:
+        os.close(fd)
+        _remove_dirs(made)
+        raise
+    return fd, made
+
+
+def _open_dir(path: str) -> int:
+    """The directory at path; through a final symlink only if this user (or root) owns the link."""
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW)
+    except OSError as e:  # a symlink as the last component: ELOOP, or ENOTDIR with O_DIRECTORY
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR) or not os.path.islink(path):
+            raise
+    owner = os.lstat(path).st_uid
+    if owner not in (os.geteuid(), 0):
+        raise UnsafeOffloadDir(errno.EPERM, f"hardware.offload_dir={path!r} is a symlink owned by "
+                                            f"{_user(owner)}, not by this user: another user could point it "
+                                            f"anywhere; use a directory of your own (default: {default_offload_dir()})")
+    return os.open(path, flags)
+
+
+def check_private(st: os.stat_result, path: str) -> None:
+    """Refuse a directory another user owns, or that group or others may write without the sticky bit."""
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise UnsafeOffloadDir(errno.EPERM, f"hardware.offload_dir={path!r} belongs to {_user(st.st_uid)}, "
+                                            f"not to this user ({_user(me)}): its owner could read or redirect "
+                                            f"the offload files; use a directory of your own "
+                                            f"(default: {default_offload_dir()})")
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable and not st.st_mode & stat.S_ISVTX:
+        who = "group and others" if writable == stat.S_IWGRP | stat.S_IWOTH else \
+            "its group" if writable == stat.S_IWGRP else "others"
+        raise UnsafeOffloadDir(errno.EPERM, f"hardware.offload_dir={path!r} is writable by {who} "
+                                            f"(mode {stat.S_IMODE(st.st_mode):o}) without the sticky bit: they "
+                                            f"could swap graphgen's files; `chmod go-w` it, or use a directory "
+                                            f"of your own (default: {default_offload_dir()})")
+
+
+def make_run_dir(parent_fd: int) -> Tuple[str, int, int]:
+    """(name, descriptor, lock descriptor) of a new 0700 directory with a random name (as mkdtemp,
+    but relative to the offload dir's descriptor), its lock file flocked."""
+    for _ in range(100):
+        name = RUN_PREFIX + secrets.token_hex(6)
         try:
-            chunks = [(fd, data[c:c + CHUNK], off + c) for c in range(0, data.numel(), CHUNK)]
-            _run(self.pool, self._write_chunk, chunks)
-            if not self.direct:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, off, data.numel(), os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-    def _write_chunk(self, fd: int, chunk: torch.Tensor, off: int) -> None:
-        n = chunk.numel()
-        if self.direct and (chunk.data_ptr() % ALIGN or n % ALIGN):  # O_DIRECT: via an aligned buffer
-            stage = getattr(self._stage, "buf", None)
-            if stage is None:
-                stage = self._stage.buf = aligned_empty(CHUNK).numpy()
-            np.copyto(stage[:n], chunk.numpy())
-            stage[n:_align(n)] = 0
-            _pwrite(fd, memoryview(stage)[:_align(n)], off)
-        else:
-            _pwrite(fd, memoryview(chunk.numpy()), off)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, "no unused run directory name in 100 tries")
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    try:
+        return name, fd, _take_lock(fd)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(name, dir_fd=parent_fd, ignore_errors=True)
+        raise
 
 
-class ReadBuffers:
-    """Aligned buffers for weights read from disk, reused by the next read of the same size.
+def _take_lock(run_fd: int) -> int:
+    """Lock file LOCK, flocked before it gets its name: a LOCK nobody holds is a dead run's."""
+    tmp = f"{LOCK}-{os.getpid()}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=run_fd)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(tmp, LOCK, src_dir_fd=run_fd, dst_dir_fd=run_fd)
+    return fd
 
-    Weights offloaded to disk are read layer after layer into fresh memory and freed after
-    their squares: measured on this 2-core VM (opt-1.3b, weights on disk), the kernel spent
-    ~20 ms of the compute thread per freed 200 MB buffer unmapping it, and the I/O threads
-    faulted and zeroed every page of every new one, which made each decode square 3-4x slower
-    than in memory. A layer's buffer handed back here (give) serves the next read of that size
-    instead. The pool keeps at most `keep` free buffers of each size (layers of one shape share
-    them; with one, 10 of a small test model's 48 reads still missed, with two 3, the first of
-    each size) and never more than `room()` bytes (the device tier's unused budget, set by the
-    executor; 0 by default: nothing is kept); `clear()` returns it all.
-    """
 
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self.free: Dict[int, List] = defaultdict(list)  # storage bytes -> untyped storages (none empty)
-        self.pooled = 0
-        self.room: Callable[[], int] = lambda: 0
-        self.hits = self.misses = 0
-        self._lock = threading.Lock()
+def reclaim_stale(parent_fd: int, where: str = "") -> Tuple[int, int]:
+    """Remove this user's run directories whose lock no process holds; (count, bytes) removed."""
+    count = size = 0
+    with os.scandir(parent_fd) as entries:
+        stale = [e.name for e in entries if e.name.startswith(RUN_PREFIX) and e.is_dir(follow_symlinks=False)]
+    for name in stale:
+        freed = _reclaim(parent_fd, name)
+        if freed is not None:
+            count, size = count + 1, size + freed
+    if count:
+        print(f"graphgen: removed {count} offload run director{'y' if count == 1 else 'ies'} left by killed "
+              f"runs ({size / 1e6:.1f} MB) in {where}", file=sys.stderr)
+    return count, size
 
-    def take(self, n: int) -> torch.Tensor:
-        """n aligned uint8 bytes: a pooled buffer of this size, else a new one."""
-        size = n + ALIGN  # what aligned_empty allocates
-        with self._lock:
-            if size in self.free:
-                st = self._pop(size)
-                self.hits += 1
-                shift = -st.data_ptr() % ALIGN
-                return torch.empty(0, dtype=torch.uint8).set_(st, shift, (n,), (1,))
-            self.misses += 1
-        return aligned_empty(n)
 
-    def _pop(self, size: int):
-        st = self.free[size].pop()
-        if not self.free[size]:
-            del self.free[size]
-        self.pooled -= size
-        return st
+def _reclaim(parent_fd: int, name: str) -> Optional[int]:
+    """Bytes freed if directory `name` was a dead run's and is now removed, else None."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    except OSError:
+        return None
+    lock = None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            return None
+        try:
+            lock = os.open(LOCK, os.O_RDWR | os.O_NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:  # killed before locking, or being made right now
+            if time.time() - st.st_mtime < ORPHAN_AGE_S:
+                return None
+        if lock is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its run is alive
+                return None
+        freed = _tree_bytes(fd)
+        shutil.rmtree(name, dir_fd=parent_fd, ignore_errors=True)
+        return freed
+    except OSError:
+        return None
+    finally:
+        if lock is not None:
+            os.close(lock)
+        os.close(fd)
 
-    def give(self, value: Value) -> None:
-        """The buffers of a value read from disk (weights nobody else holds) serve again."""
-        tensors = value.values() if isinstance(value, dict) else [value]
-        seen = set()
-        for t in tensors:
-            if t.device.type != "cpu":
-                continue
-            st = t.untyped_storage()
-            if st.data_ptr() in seen:
-                continue
-            seen.add(st.data_ptr())
-            with self._lock:
-                if len(self.free.get(st.nbytes(), ())) < self.keep and self.pooled + st.nbytes() <= self.room():
-                    self.free[st.nbytes()].append(st)
-                    self.pooled += st.nbytes()
 
-    def clear(self) -> None:
-        with self._lock:
-            self.free.clear()
-            self.pooled = 0
+def _tree_bytes(dir_fd: int) -> int:
+    with os.scandir(dir_fd) as entries:
+        return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in entries if e.is_file(follow_symlinks=False))
 
+
+_SIGTERM_LOCK = threading.Lock()
+
+
+def sigterm_unwinds() -> None:
+    """SIGTERM raises SystemExit(143) in the main thread, as Ctrl-C raises KeyboardInterrupt: the
+    run unwinds (close, finally blocks, exit handlers) and its offload files are removed. Only where
+    SIGTERM still has its default action (an application's own handler is left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with _SIGTERM_LOCK:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+# --- the tier ---------------------------------------------------------------------------------
 
 class DiskTier(Tier):
     """A tier of files in a private directory of the offload dir, removed on close."""
 
-    def __init__(self, budget: int, offload_dir: str, io_threads: int = 4, direct_io: bool = True):
+    def __init__(self, budget: int, offload_dir: Optional[str] = None, io_threads: int = 4,
+                 direct_io: bool = True):
         super().__init__("disk", budget, torch.device("cpu"))
-        self.offload_dir = os.path.abspath(offload_dir)
-        made = _missing_parents(self.offload_dir)
-        try:
-            os.makedirs(self.offload_dir, exist_ok=True)
-            self.root = tempfile.mkdtemp(prefix="graphgen-", dir=self.offload_dir)
-            direct = direct_io and _direct_io_works(self.root)
-        except OSError as e:
-            _remove_dirs(made)
-            raise OSError(e.errno, f"hardware.offload_dir={offload_dir!r} is not writable ({e.strerror}): "
-                                   f"set hardware.offload_dir to a writable directory") from None
-        self.io = FileIO(io_threads, direct)
+        self.offload_dir = os.path.abspath(os.path.expanduser(offload_dir or default_offload_dir()))
+        self.run = RunDir(self.offload_dir)
+        self.io = FileIO(io_threads, direct_io)  # direct: a wish until the run directory is probed
+        self.want_direct = direct_io
         self.buffers = ReadBuffers()  # weight reads reuse freed buffers (the executor sets its room)
         self.layout: Dict[Hashable, Tuple[bool, List[Extent]]] = {}  # key -> (is a dict, extents)
         self.external: Dict[Hashable, int] = {}  # keys read in place from a checkpoint -> bytes
-        self._finalizer = weakref.finalize(self, _cleanup, self.root, made, self.io)
+        self._finalizer = weakref.finalize(self, self.run.cleanup, self.io)
+        sigterm_unwinds()
+
+    @property
+    def root(self) -> Optional[str]:
+        """The run directory's path (None until the first write)."""
+        return self.run.path
 
     @property
     def direct(self) -> bool:
         return self.io.direct
 
+    def files(self) -> List[str]:
+        """The data files in the run directory (not its lock)."""
+        if self.run.fd is None:
+            return []
+        return sorted(n for n in os.listdir(self.run.fd) if not n.startswith(LOCK))
+
+    def _ensure_run(self) -> None:
+        """Make the run directory on first write."""
+        with self._lock:
+            if self.run.fd is None:
+                fd = self.run.create()
+                self.io.dir_fd = fd
+                self.io.direct = self.want_direct and direct_io_works(fd)
+
     # --- space --------------------------------------------------------------------------
     def free_bytes(self) -> int:
-        st = os.statvfs(self.root)
+        st = os.fstatvfs(self.run.open_parent())
         return st.f_bavail * st.f_frsize
 
     def check_space(self, nbytes: int) -> None:
@@ -219,19 +347,20 @@ class DiskTier(Tier):
     # --- values ---------------------------------------------------------------------------
     def put(self, key, value: Value) -> None:
         tensors = value if isinstance(value, dict) else {"": value}
-        path, extents, off = self._path(key), [], 0
-        for name, t in tensors.items():
-            extents.append(Extent(name, path, off, t.dtype, tuple(t.shape)))
-            off += _align(nbytes(t))
+        name, extents, off = self._name(key), [], 0
+        for tname, t in tensors.items():
+            extents.append(Extent(tname, name, off, t.dtype, tuple(t.shape)))
+            off += align(nbytes(t))
         if key in self.values:
             self.pop(key)
         self._account(key, sum(e.nbytes for e in extents))  # the plan's bytes (files add alignment)
         try:
-            _create(path, off)
+            self._ensure_run()
+            self.io.create(name, off)
             for e, t in zip(extents, tensors.values()):
-                self.io.write(path, e.offset, _as_bytes(t))
+                self.io.write(name, e.offset, _as_bytes(t))
         except OSError as err:
-            self._forget(key, path)
+            self._forget(key, name)
             raise _disk_error(err, self.offload_dir) from None
         with self._lock:
             self.values[key] = isinstance(value, dict)
@@ -265,7 +394,7 @@ class DiskTier(Tier):
             off = e.offset + c
             n, a0 = min(st.nbytes, e.nbytes - c), off // ALIGN * ALIGN
             i, buf = st.acquire()
-            self.io.read_into(e.path, [(a0, buf[:_align(off + n - a0)], off + n - a0)])
+            self.io.read_into(e.path, [(a0, buf[:align(off + n - a0)], off + n - a0)])
             dst[c:c + n].copy_(buf[off - a0:off - a0 + n], non_blocking=True)
             st.release(i)
         return _typed(dst, e.dtype, e.shape)
@@ -278,7 +407,7 @@ class DiskTier(Tier):
         out: Dict[str, torch.Tensor] = {}
         for path, es in by_file.items():
             es.sort(key=lambda e: e.offset)
-            spans = _merge_spans([(e.offset, e.nbytes) for e in es])
+            spans = merge_spans([(e.offset, e.nbytes) for e in es])
             bufs = self.io.read(path, spans, self.buffers.take)
             for e in es:
                 s = next(i for i, (o, n) in enumerate(spans) if o <= e.offset < o + n)
@@ -301,31 +430,32 @@ class DiskTier(Tier):
             _, extents = self.layout.pop(key)
             external = self.external.pop(key, None) is not None
         if not external:
-            os.unlink(extents[0].path)
+            self.io.unlink(extents[0].path)
 
     # --- KV cache: [2, S_max, B, nkv, d], each half at an aligned offset ---------------------
     def alloc(self, key, shape, dtype) -> None:
-        half = _align(_prod(shape[1:]) * _itemsize(dtype))
+        half = align(_prod(shape[1:]) * _itemsize(dtype))
         self._account(key, _prod(shape) * _itemsize(dtype))
-        path = self._path(key)
+        name = self._name(key)
         try:
-            _create(path, 2 * half)
+            self._ensure_run()
+            self.io.create(name, 2 * half)
         except OSError as err:
-            self._forget(key, path)
+            self._forget(key, name)
             raise _disk_error(err, self.offload_dir) from None
         with self._lock:
             self.values[key] = False
-            self.layout[key] = (False, [Extent("", path, 0, dtype, tuple(shape))])
+            self.layout[key] = (False, [Extent("", name, 0, dtype, tuple(shape))])
 
     def _halves(self, key):
         _, [e] = self.layout[key]
         row = _prod(e.shape[2:]) * _itemsize(e.dtype)
-        return e, row, _align(e.shape[1] * row)
+        return e, row, align(e.shape[1] * row)
 
     def read_prefix(self, key, n: int) -> torch.Tensor:
         """cache[:, :n] as a [2, n, ...] host tensor: one aligned read per half, into one buffer."""
         e, row, half = self._halves(key)
-        span = _align(n * row)
+        span = align(n * row)
         buf = aligned_empty(2 * span)
         self.io.read_into(e.path, [(0, buf[:span], n * row), (half, buf[span:], n * row)])
         return buf.view(2, span)[:, :n * row].view(e.dtype).view((2, n) + e.shape[2:])
@@ -333,24 +463,24 @@ class DiskTier(Tier):
     def write_slice(self, key, start: int, value: torch.Tensor) -> None:
         """cache[:, start:start+s] = value ([2, s, ...]): small, so buffered (reads are O_DIRECT)."""
         e, row, half = self._halves(key)
-        fd = os.open(e.path, os.O_WRONLY)
         try:
-            for h in range(2):
-                _pwrite(fd, memoryview(_as_bytes(value[h]).numpy()), h * half + start * row)
+            self.io.write_small(e.path, [(h * half + start * row, _as_bytes(value[h])) for h in range(2)])
         except OSError as err:
             raise _disk_error(err, self.offload_dir) from None
-        finally:
-            os.close(fd)
 
     # --- files -------------------------------------------------------------------------------
-    def _path(self, key) -> str:
-        return os.path.join(self.root, "_".join(map(str, key)) + ".bin")
+    @staticmethod
+    def _name(key) -> str:
+        return "_".join(map(str, key)) + ".bin"
 
-    def _forget(self, key, path: str) -> None:
+    def _forget(self, key, name: str) -> None:
         with self._lock:
             self.used -= self.sizes.pop(key, 0)
-        if os.path.exists(path):
-            os.unlink(path)
+        if self.run.fd is not None:
+            try:
+                self.io.unlink(name)
+            except FileNotFoundError:
+                pass
 
     def close(self) -> None:
         super().close()
@@ -361,17 +491,6 @@ class DiskTier(Tier):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def aligned_empty(n: int) -> torch.Tensor:
-    """n uint8 bytes starting at an ALIGN-aligned address (O_DIRECT's requirement)."""
-    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
-    shift = -raw.data_ptr() % ALIGN
-    return raw[shift:shift + n]
-
-
-def _align(n: int, a: int = ALIGN) -> int:
-    return (n + a - 1) // a * a
-
 
 def _prod(xs) -> int:
     p = 1
@@ -395,48 +514,13 @@ def _typed(raw: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
     return raw.view(dtype).view(shape)
 
 
-def _merge_spans(spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
-    """Sorted (offset, n) -> fewer, larger spans (gaps under MERGE_GAP are read and dropped)."""
-    out: List[List[int]] = []
-    for off, n in spans:
-        if out and off - (out[-1][0] + out[-1][1]) <= MERGE_GAP:
-            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
-        else:
-            out.append([off, n])
-    return [(o, n) for o, n in out]
+def _user(uid: int) -> str:
+    try:
+        import pwd
 
-
-def _run(pool: ThreadPoolExecutor, fn, calls: List[tuple]) -> None:
-    """fn(*args) for each; several in flight on the pool, a lone (small) one inline."""
-    if len(calls) == 1:
-        fn(*calls[0])
-        return
-    futs = [pool.submit(fn, *args) for args in calls]
-    wait(futs)  # all of them, even after a failure: the fd is closed next
-    for f in futs:
-        f.result()
-
-
-def _pread(fd: int, buf: torch.Tensor, start: int, file_off: int, need: int) -> None:
-    """Fill buf[start : start + CHUNK] (aligned length) from file_off; `need` bytes must exist."""
-    view = memoryview(buf.numpy())[start:start + min(CHUNK, _align(need))]
-    got = 0
-    while got < need:
-        n = os.preadv(fd, [view[got:]], file_off + got)
-        if n <= 0:
-            raise OSError(errno.EIO, f"short read at offset {file_off + got} of an offload file")
-        got += n
-
-
-def _pwrite(fd: int, view: memoryview, off: int) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], off + done)
-
-
-def _create(path: str, size: int) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
 
 
 def _disk_error(err: OSError, offload_dir: str) -> OSError:
@@ -446,31 +530,10 @@ def _disk_error(err: OSError, offload_dir: str) -> OSError:
     return err
 
 
-def _direct_io_works(root: str) -> bool:
-    """Does this filesystem take O_DIRECT (tmpfs and some overlay filesystems do not)?"""
-    path = os.path.join(root, ".probe")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False
-        raise
-    try:
-        os.pwrite(fd, memoryview(aligned_empty(ALIGN).numpy()), 0)
-        return True
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False
-        raise
-    finally:
-        os.close(fd)
-        os.unlink(path)
-
-
 def _missing_parents(path: str) -> List[str]:
     """The directories makedirs(path) would create, deepest first."""
     made = []
-    while path and not os.path.exists(path):
+    while path and not os.path.lexists(path):
         made.append(path)
         path = os.path.dirname(path)
     return made
@@ -482,10 +545,3 @@ def _remove_dirs(dirs: List[str]) -> None:
             os.rmdir(d)
         except OSError:
             break
-
-
-def _cleanup(root: str, made: List[str], io: Optional[FileIO]) -> None:
-    if io is not None:
-        io.close()
-    shutil.rmtree(root, ignore_errors=True)
-    _remove_dirs(made)

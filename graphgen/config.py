@@ -61,7 +61,8 @@ class HardwareConfig:
     host_mem: str = "12GB"
     disk_mem: str = "100GB"
     pinned_mem: Optional[str] = None  # CUDA: page-locked host memory for weights; None = half of host_mem
-    offload_dir: str = "${oc.env:GRAPHGEN_OFFLOAD_DIR,/tmp/graphgen-offload}"
+    # disk tier files; None: $GRAPHGEN_OFFLOAD_DIR, else a private ~/.cache/graphgen/offload (docs/offload.md)
+    offload_dir: Optional[str] = "${oc.env:GRAPHGEN_OFFLOAD_DIR,null}"
     # measured or published constants for the cost model (FLOP/s, bytes/s), keyed by name
     profile: Dict[str, float] = field(default_factory=dict)
 

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from executors.disk import default_offload_dir  # the disk tier owns the rule
+
 from .probes import SHAPES, _compute_profile, _link_profile, disk_bw, disk_latency, executor_profile
 
 VERSION = 3  # bump when keys or methods change: cached profiles of another version are re-measured
@@ -112,10 +114,6 @@ def detect_memory(device: str = "cpu", offload_dir: Optional[str] = None) -> Dic
     return {"device_total": torch.cuda.mem_get_info(dev)[1] if dev.type == "cuda" else 0,
             "host_total": os.sysconf("SC_PHYS_PAGES") * page, "host_available": available,
             "disk_free": shutil.disk_usage(offload_dir).free}
-
-
-def default_offload_dir() -> str:
-    return os.environ.get("GRAPHGEN_OFFLOAD_DIR", "/tmp/graphgen-offload")
 
 
 def measure(device: str = "cpu", offload_dir: Optional[str] = None,
@@ -280,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m graphgen.perf.profile", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--offload-dir", default=None,
-                   help="directory for the disk test (default: $GRAPHGEN_OFFLOAD_DIR or /tmp/graphgen-offload)")
+                   help="directory for the disk test (default: $GRAPHGEN_OFFLOAD_DIR or ~/.cache/graphgen/offload)")
     p.add_argument("--quick", action="store_true", help="small sizes, ~3 s (noisier)")
     p.add_argument("--refresh", action="store_true", help="re-measure even if a cached profile exists")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Storage tiers (executors/tiers.py, executors/disk.py): round trips, cache prefix reads and slice
+"""Storage tiers (executors/tiers.py, executors/disk.py, executors/disk_io.py): round trips, cache prefix reads and slice
 writes, in-place safetensors reads, budgets, clear errors for unusable offload dirs, cleanup."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from executors.disk import ALIGN, CHUNK, DiskFull, DiskTier, Extent, ReadBuffers, _direct_io_works
+from executors.disk import DiskFull, DiskTier, Extent
+from executors.disk_io import ALIGN, CHUNK, ReadBuffers, direct_io_works
 from executors.tiers import Tier, TierFull
 from graphgen import LLM
 from graphgen.models.base import WeightSpec
@@ -35,7 +36,8 @@ def disk(request, tmp_path):
 
 def test_direct_io_used_where_the_filesystem_allows(tmp_path):
     t = DiskTier(GB, str(tmp_path / "off"))
-    assert t.direct == _direct_io_works(t.root)
+    t.put(("act", 0), torch.ones(3))  # the run directory is made (and probed) on the first write
+    assert t.direct == direct_io_works(t.run.fd)
     t.close()
 
 
@@ -47,9 +49,9 @@ def test_disk_round_trip(disk):
     assert set(got) == set(w) and all(torch.equal(got[k], w[k]) and got[k].dtype == w[k].dtype for k in w)
     assert torch.equal(disk.pop(("act", 1)), w["w"])
     assert disk.used == sum(t.numel() * t.element_size() for t in w.values())  # the plan's bytes
-    assert len(os.listdir(disk.root)) == 1
+    assert len(disk.files()) == 1
     disk.pop(("w", 0))
-    assert disk.used == 0 and os.listdir(disk.root) == []
+    assert disk.used == 0 and disk.files() == []
 
 
 def test_cache_prefix_reads_and_slice_writes_match_memory(disk):
@@ -119,7 +121,7 @@ def test_in_place_safetensors_read_copies_nothing(tmp_path, disk):
     disk.put_external(("w", 3), ext, torch.bfloat16)
     got = disk.get(("w", 3))
     assert all(torch.equal(got[s.name], w[s.source]) for s in specs)
-    assert os.listdir(disk.root) == []  # nothing copied to the offload dir
+    assert disk.root is None  # nothing copied to the offload dir: not even a run directory made
     disk.drop(("w", 3))
     assert (tmp_path / "model.safetensors").exists()  # and the checkpoint is left alone
 
@@ -139,7 +141,7 @@ def test_llm_reads_disk_weights_in_place(tmp_path):
         out = llm.generate(ids, attention_mask=mask, max_new_tokens=4)
         disk = llm.executor.tiers["disk"]
         assert len(disk.external) == len(llm.spec.layers)
-        assert not [f for f in os.listdir(disk.root) if f.startswith("w_")]
+        assert not [f for f in disk.files() if f.startswith("w_")]
     with LLM(str(tmp_path / "ckpt"), ["policy.percent=[100,0,100,0,100,0]"] + common) as llm:
         assert torch.equal(llm.generate(ids, attention_mask=mask, max_new_tokens=4), out)
 
@@ -147,8 +149,9 @@ def test_llm_reads_disk_weights_in_place(tmp_path):
 def test_unwritable_offload_dir_is_a_clear_error_and_leaves_nothing(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
+    t = DiskTier(GB, str(blocker / "offload"))  # nothing happens before the first write
     with pytest.raises(OSError, match="hardware.offload_dir"):
-        DiskTier(GB, str(blocker / "offload"))
+        t.put(("act", 0), torch.ones(3))
     assert sorted(os.listdir(tmp_path)) == ["a-file"]
 
 
@@ -189,7 +192,7 @@ def test_offload_dir_cleaned_after_error_mid_run(opt_ckpt, tmp_path, monkeypatch
     def compute(self, n, a):
         calls["n"] += 1
         if calls["n"] == 7:
-            assert os.listdir(self.tiers["disk"].root)  # the run had files on disk
+            assert self.tiers["disk"].files()  # the run had files on disk
             raise exc("stop")
         real(self, n, a)
 
