@@ -2,8 +2,9 @@
 
     python -m graphgen job=batch job.input=prompts.jsonl job.output=out.jsonl
 
-Stages: read + validate every line (bad lines -> <output>.errors.jsonl, or stop),
-repair the output's torn tail and skip ids already there, bucket the rest by
+Stages: read + validate every line, lock the output (one job per file), check it is a
+graphgen result file (or new) and repair its torn last record, report bad lines to
+<output>.errors.jsonl (or stop; a job with no good line fails), skip ids already there, bucket the rest by
 generation settings and prompt length, generate block by block, append each
 finished block with write + flush + fsync. A SIGKILL at any moment loses at most
 the block in flight, and re-running the same command writes every id exactly once.
@@ -19,9 +20,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from graphgen.apps.batch_io import (BadInputError, BadLine, GenSettings, Request, append_durably,  # noqa: F401
-                                    bad_input_message, id_key, lock_output, read_input, repair_output,
-                                    validate, write_errors)
+from graphgen.apps.batch_io import (BadInputError, BadLine, GenSettings, JobRefused, Request,  # noqa: F401
+                                    append_durably, bad_input_message, check_output, id_key, lock_output,
+                                    missing_dirs, read_input, remove_dirs, repair_output, validate,
+                                    write_errors)
 from graphgen.apps.job_config import resolve_job
 from graphgen.stopping import finish, normalize_stops
 
@@ -127,19 +129,28 @@ def run_batch(llm: Any, input_path, output_path, *, max_new_tokens: int = 32, te
                          "this LLM does not offer it: set job.logprobs=false")
     if not input_path.exists():
         raise FileNotFoundError(f"job.input={input_path} does not exist")
+    check_output(input_path, output_path, errors_path)
     spec = llm.spec
     defaults = GenSettings(max_new_tokens, do_sample and temperature > 0, float(temperature) if temperature > 0
                            else 1.0, top_k, top_p)
     records, bad = read_input(input_path, input_format)
     requests, bad2 = validate(records, llm.tokenizer, defaults, normalize_stops(stop), spec.max_positions)
     bad = sorted(bad + bad2, key=lambda b: b.line)
+    made = missing_dirs(output_path.parent)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    write_errors(errors_path, bad)
-    if bad and on_bad_input == "stop":
-        raise BadInputError(bad_input_message(bad, input_path, errors_path))
+    created = not output_path.exists()
     with open(output_path, "ab") as out:
-        lock_output(out)
-        done, dropped = repair_output(output_path)
+        lock_output(out)  # first: a job refused here touches none of the running job's files
+        try:
+            done, dropped = repair_output(output_path)  # refuses a file that is not a result file
+            write_errors(errors_path, bad)
+            if bad and on_bad_input == "stop" or not requests:
+                raise BadInputError(bad_input_message(bad, input_path, errors_path, stopped=bool(requests)))
+        except ValueError:
+            if created:  # this job made the (empty) output file: it leaves none behind
+                output_path.unlink()
+                remove_dirs(made)
+            raise
         summary = BatchSummary(total=len(requests), bad_lines=bad, repaired_bytes=dropped)
         pending = [r for r in requests if id_key(r.id) not in done]
         summary.already_done = len(requests) - len(pending)
@@ -205,5 +216,5 @@ def main(job: Any, llm: Any, workload: Any = None, seed: Optional[int] = None) -
                          top_k=j.top_k, top_p=j.top_p, do_sample=j.do_sample, seed=j.seed, stop=j.stop,
                          on_bad_input=j.on_bad_input, logprobs=j.logprobs, block_size=j.block_size,
                          progress=j.progress, input_format=j.input_format)
-    except BadInputError as e:
-        raise SystemExit(str(e)) from None
+    except (BadInputError, JobRefused) as e:  # nothing to run, or an output it must not write
+        raise SystemExit(f"graphgen: error: {e}") from None

@@ -14,11 +14,18 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from graphgen.stopping import normalize_stops
 
 MAX_SHOWN_ERRORS = 10
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors put first
+RECORD_START = b'{"id": '  # how append_durably begins every result line
+RESULT_FIELDS = ("id", "completion", "finish_reason")  # a result line has at least these
 Record = Tuple[int, Dict[str, Any], str]  # line number, parsed line, line text
 
 
 class BadInputError(ValueError):
-    """The input file has bad lines and on_bad_input=stop: nothing was generated."""
+    """The input file has bad lines and on_bad_input=stop (or no good line): nothing was generated."""
+
+
+class JobRefused(ValueError):
+    """job.output cannot be written safely (another job's, not a result file, the input, a directory)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ def detect_format(path: Path, lines: Sequence[bytes], fmt: str = "auto") -> str:
 
 def read_input(path: Path, fmt: str = "auto") -> Tuple[List[Record], List[BadLine]]:
     """File -> ([(line number, {"id", "prompt", ...}, line text)], bad lines). Blank JSONL lines are ignored."""
-    lines = path.read_bytes().split(b"\n")
+    lines = path.read_bytes().removeprefix(BOM).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the final newline does not start a line
     fmt = detect_format(path, lines, fmt)
@@ -191,9 +198,15 @@ def write_errors(path: Path, bad: List[BadLine]) -> None:
     os.replace(tmp, path)
 
 
-def bad_input_message(bad: List[BadLine], input_path: Path, errors_path: Path) -> str:
+def bad_input_message(bad: List[BadLine], input_path: Path, errors_path: Path, stopped: bool = True) -> str:
+    """Why nothing was generated: bad lines with on_bad_input=stop, or no line that could run."""
+    if not bad:
+        return f"job.input={input_path} has no prompts: nothing to generate"
     shown = "\n".join(f"  line {b.line}: {b.error}" for b in bad[:MAX_SHOWN_ERRORS])
     more = f"\n  ... and {len(bad) - MAX_SHOWN_ERRORS} more" if len(bad) > MAX_SHOWN_ERRORS else ""
+    if not stopped:
+        return (f"no prompt of {input_path} could run: all {len(bad)} line(s) are bad; nothing was generated:"
+                f"\n{shown}{more}\nAll of them are listed in {errors_path}.")
     return (f"{input_path}: {len(bad)} bad input line(s); nothing was generated "
             f"(job.on_bad_input=stop):\n{shown}{more}\nAll of them are listed in {errors_path}. "
             "Fix them, or set job.on_bad_input=skip to generate the good lines only.")
@@ -201,28 +214,91 @@ def bad_input_message(bad: List[BadLine], input_path: Path, errors_path: Path) -
 
 # --- output: resume and durable append ------------------------------------------------------
 
+def check_output(input_path: Path, output_path: Path, errors_path: Path) -> None:
+    """Refuse, before anything is written, an output that is a directory or the input file."""
+    if output_path.is_dir():
+        raise JobRefused(f"job.output={output_path} is a directory: name a file, e.g. "
+                         f"job.output={output_path / 'results.jsonl'}")
+    for path, what in ((output_path, "job.output"), (errors_path, f"the errors file of job.output={output_path},")):
+        if path.exists() and input_path.exists() and os.path.samefile(path, input_path):
+            raise JobRefused(f"{what} {path} is the input file job.input={input_path}: writing results there "
+                             "would destroy the prompts; choose another job.output")
+
+
+def missing_dirs(path: Path) -> List[Path]:
+    """The directories mkdir(parents=True) would create, deepest first."""
+    made = []
+    while not path.exists() and path != path.parent:
+        made.append(path)
+        path = path.parent
+    return made
+
+
+def remove_dirs(dirs: List[Path]) -> None:
+    for d in dirs:  # deepest first; only while empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 def repair_output(path: Path) -> Tuple[set, int]:
-    """Drop a torn last line (crash mid-write); return (ids already written, bytes dropped)."""
+    """Drop the torn last record of a crash mid-write; return (ids already written, bytes dropped).
+
+    Only a graphgen result file is touched: every complete line but the last must be a result
+    line, and only the last record (the bytes after the last newline, else the last line) is
+    cut, when it is torn: NUL bytes (a crash after the size grew) or a partial result line."""
     if not path.exists():
         return set(), 0
     data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
-    lines = data[:keep].split(b"\n")[:-1]
+    body, tail = data[:data.rfind(b"\n") + 1], data[data.rfind(b"\n") + 1:]
+    lines = body.split(b"\n")[:-1]
+    complete = not tail
+    if complete and lines and not is_result_line(lines[-1]):  # a complete but garbled last line
+        tail, lines = lines[-1] + b"\n", lines[:-1]
     done = set()
     for n, raw in enumerate(lines, start=1):
-        try:
-            done.add(id_key(json.loads(raw)["id"]))
-        except (ValueError, KeyError, TypeError):
-            if n < len(lines):
-                raise ValueError(f"{path}: line {n} is not a result line ({raw[:80]!r}); the output file "
-                                 "was edited or belongs to another tool: move it away and re-run") from None
-            keep -= len(raw) + 1  # a complete but garbled last line (e.g. zero-filled): torn as well
-    if keep < len(data):
+        if not is_result_line(raw):
+            raise JobRefused(f"{path} is not a graphgen result file (line {n} is not a result line: "
+                             f"{raw[:80]!r}); job.output must name a new file or an earlier job's results: "
+                             "move it away or choose another job.output") from None
+        done.add(id_key(json.loads(raw)["id"]))
+    if tail and not is_torn(tail.removesuffix(b"\n"), complete):
+        raise JobRefused(f"{path} is not a graphgen result file (its last line is not a result line: "
+                         f"{tail[:80]!r}); job.output must name a new file or an earlier job's results: "
+                         "move it away or choose another job.output")
+    if tail:
         with open(path, "r+b") as f:
-            f.truncate(keep)
+            f.truncate(len(data) - len(tail))
             f.flush()
             os.fsync(f.fileno())
-    return done, len(data) - keep
+    return done, len(tail)
+
+
+def is_result_line(raw: bytes) -> bool:
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(rec, dict) and all(k in rec for k in RESULT_FIELDS)
+
+
+def is_torn(record: bytes, complete: bool) -> bool:
+    """The last record cut short by a crash: it starts with zero bytes (the size grew, the data never
+    came), or it is the start of a result line; a complete line then must not parse."""
+    if record.startswith(b"\0"):
+        return True
+    if complete:
+        return record.startswith(RECORD_START) and not _parses(record)
+    return record.startswith(RECORD_START) or RECORD_START.startswith(record)
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+        return True
+    except ValueError:
+        return False
 
 
 def lock_output(f) -> None:
@@ -234,8 +310,8 @@ def lock_output(f) -> None:
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise RuntimeError(f"{f.name} is being written by another running job; wait for it, "
-                           "or choose another job.output") from None
+        raise JobRefused(f"job.output={f.name} is being written by another running job; wait for it, "
+                         "or choose another job.output") from None
 
 
 def append_durably(f, lines: Iterable[Dict[str, Any]]) -> None:

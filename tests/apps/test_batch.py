@@ -139,23 +139,96 @@ def test_resume_repairs_torn_line_and_skips_done_ids(tmp_path):
     assert s.generated == 0 and ids_of(out) == [str(i) for i in range(6)]
 
 
-def test_garbled_tail_is_dropped_but_garbled_middle_is_refused(tmp_path):
+def result(i):
+    return json.dumps({"id": i, "prompt": "p", "completion": "c", "prompt_tokens": 1, "completion_tokens": 1,
+                       "finish_reason": "length"}).encode() + b"\n"
+
+
+def test_one_torn_last_record_is_dropped_but_garbled_middle_is_refused(tmp_path):
     out = tmp_path / "out.jsonl"
-    out.write_bytes(b'{"id": 1}\n\x00\x00\x00\x00\n')
-    assert repair_output(out) == ({"1"}, 5) and out.read_bytes() == b'{"id": 1}\n'
+    out.write_bytes(result(1) + b"\x00\x00\x00\x00\n")  # a zero-filled last record (crash mid-write)
+    assert repair_output(out) == ({"1"}, 5) and out.read_bytes() == result(1)
     out.write_bytes(b'{"id": 7, "prom')  # killed during the very first write
     assert repair_output(out) == (set(), 15) and out.read_bytes() == b""
     assert repair_output(out) == (set(), 0)
-    out.write_bytes(b'{"id": 1}\nnot json\n{"id": 2}\n')
-    with pytest.raises(ValueError, match="line 2 is not a result line"):
-        repair_output(out)
+    for bad in (result(1) + b"not json\n" + result(2), result(1) + b'{"id": 2, "pr\n{"id": 3, "pro'):
+        out.write_bytes(bad)  # a garbled line before the last record: not cut, refused
+        with pytest.raises(ValueError, match="line 2 is not a result line"):
+            repair_output(out)
+        assert out.read_bytes() == bad
+
+
+@pytest.mark.parametrize("text", [b"my notes\nthe last line", b"my notes\n", b'{"id": 1}\n',
+                                  b'{"other": "tool"}\n{"id": 4', b"\n\n"])
+def test_resume_touches_only_a_graphgen_result_file(tmp_path, text):
+    out = tmp_path / "notes.txt"
+    out.write_bytes(text)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}])
+    with pytest.raises(ValueError, match="not a graphgen result file"):
+        run_batch(FakeLLM(), inp, out, max_new_tokens=2, progress=False)
+    assert out.read_bytes() == text and not (tmp_path / "notes.txt.errors.jsonl").exists()
+
+
+def test_output_that_is_the_input_is_refused(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}])
+    before = inp.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(inp)
+    for out in (inp, tmp_path / "." / "in.jsonl", tmp_path / "link.jsonl"):
+        with pytest.raises(ValueError, match="is the input file"):
+            run_batch(FakeLLM(), inp, out, max_new_tokens=2, progress=False)
+    assert inp.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["in.jsonl", "link.jsonl"]
+
+
+def test_output_that_is_a_directory_is_refused_and_leaves_nothing(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}, '{"bad'])
+    (tmp_path / "outdir").mkdir()
+    with pytest.raises(ValueError, match="job.output=.*is a directory"):
+        run_batch(FakeLLM(), inp, tmp_path / "outdir", max_new_tokens=2, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "outdir"] and os.listdir(tmp_path / "outdir") == []
+
+
+def test_a_refused_second_job_leaves_the_running_jobs_files_alone(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}, '{"bad'])
+    out = tmp_path / "out.jsonl"
+    errors = tmp_path / "out.jsonl.errors.jsonl"
+    run_batch(FakeLLM(), inp, out, max_new_tokens=2, progress=False)
+    before = errors.read_bytes()
+    clean = write_jsonl(tmp_path / "clean.jsonl", [{"id": 1, "prompt": "a"}])
+    with open(out, "ab") as running:
+        lock_output(running)
+        with pytest.raises(ValueError, match="being written by another running job"):
+            run_batch(FakeLLM(), clean, out, max_new_tokens=2, progress=False)
+        job = JobConfig(name="batch", input=str(clean), output=str(out), progress=False)
+        with pytest.raises(SystemExit, match="another running job"):  # the CLI: a message, no traceback
+            main(job, FakeLLM())
+    assert errors.read_bytes() == before
+
+
+def test_utf8_bom_is_not_a_bad_first_line(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": 1, "prompt": "a"}).encode() + b"\n")
+    txt = tmp_path / "in.txt"
+    txt.write_bytes(b"\xef\xbb\xbfhello\n")
+    s = run_batch(FakeLLM(), inp, tmp_path / "out.jsonl", max_new_tokens=2, progress=False)
+    assert s.generated == 1 and not s.bad_lines
+    run_batch(FakeLLM(), txt, tmp_path / "out2.jsonl", max_new_tokens=2, progress=False)
+    assert read_out(tmp_path / "out2.jsonl")[0]["prompt"] == "hello"
+
+
+def test_a_job_whose_every_line_was_rejected_fails(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", ['{"bad', {"id": 2}])
+    job = JobConfig(name="batch", input=str(inp), output=str(tmp_path / "o.jsonl"), progress=False)
+    with pytest.raises(SystemExit, match=r"(?s)no prompt of .* could run.*line 1: invalid JSON") as e:
+        main(job, FakeLLM())
+    assert e.value.code not in (0, None)
+    assert not (tmp_path / "o.jsonl").exists() and len(read_out(tmp_path / "o.jsonl.errors.jsonl")) == 2
 
 
 def test_second_writer_on_the_same_output_is_refused(tmp_path):
     p = tmp_path / "out.jsonl"
     with open(p, "ab") as a, open(p, "ab") as b:
         lock_output(a)
-        with pytest.raises(RuntimeError, match="another running job"):
+        with pytest.raises(ValueError, match="another running job"):
             lock_output(b)
 
 
