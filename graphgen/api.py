@@ -12,6 +12,7 @@ import torch
 from executors import BlockInputs, make_executor
 from .compile import BlockShape, checkpoint_of, compile, spec_for
 from .config import Config, compose
+from .inputs import check_generate_args
 from .models.weights import CheckpointWeights, DummyWeights, WeightSource, describe_missing
 from .perf.optimize import resolve_policy
 from .progress import Progress
@@ -91,12 +92,12 @@ class LLM:
         if seed is not None and not isinstance(seed, int):
             row_seeds, seed = torch.as_tensor(list(seed), dtype=torch.long), None
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-        ids = inputs.long().cpu()
-        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long().cpu()
+        ids, mask = check_generate_args(inputs, attention_mask, max_new_tokens, self.spec.vocab_size,
+                                        self.spec.max_positions)
         if row_seeds is not None and len(row_seeds) != len(ids):
             raise ValueError(f"seed has {len(row_seeds)} values for {len(ids)} prompts: give one per prompt")
         new, logprobs = self._generate_ids(ids, mask, max_new_tokens, sampling, row_seeds, return_logprobs)
-        out = torch.cat([ids, self._after_eos(new)], 1)
+        out = torch.cat([inputs.long().cpu(), self._after_eos(new)], 1)  # the prompts as given
         if return_logprobs:
             return out, logprobs.masked_fill(self._after_eos_mask(new), 0.0)
         return out
@@ -159,6 +160,8 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("generate(list of strings) needs a tokenizer: this model has no checkpoint "
                              "tokenizer (dummy weights?); pass token ids instead")
+        if not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ValueError("generate(list of strings) needs at least one prompt, each a non-empty string")
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
         out = self.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, *sampling)
         new = out[:, enc["input_ids"].shape[1]:]
