@@ -13,7 +13,12 @@ import torch
 
 from executors import BlockInputs
 
+from .inputs import check_max_new_tokens, check_vocab
 from .sampling import Sampling
+
+
+class ContextFull(ValueError):
+    """A turn would overflow the session's cache: nothing was generated."""
 
 
 class ChatSession:
@@ -26,6 +31,7 @@ class ChatSession:
         self.pending: List[int] = []  # the last generated token, not yet in the cache
         self.ex = llm._executor()
         self.ex.keep_cache = True
+        self.closed = False
         llm.session = self
 
     @property
@@ -36,11 +42,18 @@ class ChatSession:
              cut: Optional[Callable[[List[int]], int]] = None) -> List[int]:
         """Append ids to the conversation and generate; returns the reply's tokens up to the cut
         (default: through the first eos)."""
-        new = self.pending + list(ids)
+        if self.closed:
+            raise RuntimeError("this chat session is closed (its cache was dropped): start a new one with llm.chat()")
+        check_max_new_tokens(max_new_tokens)
+        ids = list(ids)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"send() needs a non-empty list of integer token ids, got {ids[:8]!r}")
+        check_vocab(torch.tensor(ids), self.spec.vocab_size, "ids")
+        new = self.pending + ids
         past, S = self.mask.shape[1], len(new)
         if past + S + max_new_tokens > self.cache_len:
-            raise ValueError(f"the conversation needs {past + S + max_new_tokens} cache positions but the "
-                             f"session holds {self.cache_len}: start a new session (llm.chat(max_context=...))")
+            raise ContextFull(f"the conversation needs {past + S + max_new_tokens} cache positions but the "
+                              f"session holds {self.cache_len}: start a new session (llm.chat(max_context=...))")
         graph = self.llm.compile(S, max_new_tokens, 1, 1, past_len=past, cache_len=self.cache_len)
         mask = torch.cat([self.mask, torch.ones(1, S, dtype=torch.long)], 1)
         inp = BlockInputs(torch.tensor(new)[None, None], mask[None], sampling, 0)
@@ -58,6 +71,7 @@ class ChatSession:
         return tokens.index(eos) + 1 if eos in tokens else len(tokens)
 
     def close(self) -> None:
+        self.closed = True
         if self.llm.session is self:
             self.ex.keep_cache = False
             self.ex.drop_cache()

@@ -69,3 +69,46 @@ def test_chat_app_through_a_pipe(chat_ckpt):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("Assistant:") == 3
     assert "context" in r.stderr
+
+
+def test_send_after_close_is_refused(chat_ckpt):
+    with LLM(str(chat_ckpt), ["model.dtype=float32"]) as llm:
+        s = llm.chat()
+        s.send([5, 6, 7], max_new_tokens=2)
+        s.close()
+        with pytest.raises(RuntimeError, match="session is closed"):
+            s.send([8], max_new_tokens=2)
+        with llm.chat() as s2:
+            with pytest.raises(ValueError, match="outside the model's vocabulary"):
+                s2.send([5, 10**6], max_new_tokens=2)
+            with pytest.raises(ValueError, match="non-empty list of integer token ids"):
+                s2.send([], max_new_tokens=2)
+
+
+def run_app(ckpt, data: bytes, capsys, *args):
+    import io
+
+    from graphgen.apps.chat import main
+
+    llm = LLM(str(ckpt), ["model.dtype=float32", "report.progress=false"])
+    out = io.StringIO()
+    rc = main(["--max-new-tokens", "4", "--temperature", "0", "--system", "Hi.\n", *args], llm=llm,
+              stdin=io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"), stdout=out)
+    return rc, out.getvalue(), capsys.readouterr().err
+
+
+def test_chat_app_drops_the_oldest_turns_when_the_context_is_full(chat_ckpt, capsys):
+    turns = [f"turn {i}: " + "tell me more about this " * 2 for i in range(12)]
+    rc, out, err = run_app(chat_ckpt, "".join(t + "\n" for t in turns).encode(), capsys, "--max-context", "128")
+    assert rc == 0 and out.count("Assistant:") == 12  # every turn answered
+    assert "context full: dropped the" in err
+
+
+def test_chat_app_refuses_a_turn_too_long_for_the_context_visibly(chat_ckpt, capsys):
+    rc, out, err = run_app(chat_ckpt, ("x" * 200 + "\nshort one\n").encode(), capsys, "--max-context", "64")
+    assert rc == 0 and out.count("Assistant:") == 1 and "[turn not answered: this turn needs" in err
+
+
+def test_chat_app_survives_bytes_that_are_not_utf8(chat_ckpt, capsys):
+    rc, out, err = run_app(chat_ckpt, b"Hello \xff\xfe there\nAgain\n", capsys)
+    assert rc == 0 and out.count("Assistant:") == 2 and "not UTF-8" in err
