@@ -54,7 +54,7 @@ class Executor:
 
     def __init__(self, spec: ModelSpec, weights: WeightSource, cfg: Config):
         self.spec, self.source, self.cfg = spec, weights, cfg
-        self.device = torch.device(cfg.hardware.device)
+        self.device = compute_device(cfg.hardware.device)
         self.dtype = dtype_of(cfg.model.dtype)
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise ValueError("model.dtype=float16 on the CPU is hundreds of times slower than bfloat16: "
@@ -159,6 +159,7 @@ class Executor:
     # --- running ------------------------------------------------------------------
     def run_block(self, graph, inputs: BlockInputs) -> torch.Tensor:
         """Run one compiled block; returns new tokens [num_batches, B, gen_len]."""
+        check_runnable(graph, self.cfg.pipeline)
         self.check_disk(graph)
         with memory.PeakMemory(self.device) as mem:
             tokens = self._run_block(graph, inputs)
@@ -370,6 +371,32 @@ class Executor:
         for t in self.tiers.values():
             t.close()
         self.source.close()
+
+
+def compute_device(name: str) -> torch.device:
+    """hardware.device as a torch device this process can compute on; errors say what to set."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"hardware.device={name!r} is not a device: use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"hardware.device={name!r} but this torch ({torch.__version__}) sees no CUDA GPU: "
+                         "use hardware=cpu (or hardware.device=cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"hardware.device={name!r}: graphgen computes on cpu or cuda")
+    return dev
+
+
+RUNNABLE = ("order", "w_home", "kv_home", "act_home", "attn_device", "slot")  # square attributes the ops read
+
+
+def check_runnable(graph, pipeline) -> None:
+    """The compiled graph carries what the executor reads: a pipeline that skipped a pass is named."""
+    missing = [a for a in RUNNABLE if a not in graph.graph.get("provided", ())]
+    if missing or "ops" not in graph.graph or "peak_bytes" not in graph.graph:
+        raise ValueError(f"pipeline={list(pipeline)} leaves the graph unrunnable (missing "
+                        f"{missing or ['ops / peak_bytes']}): keep order, place_tensors, delegate_cpu_attention, "
+                        "insert_io and plan_memory in it")
 
 
 def nbytes_of(layer, dtype: torch.dtype) -> int:

@@ -11,7 +11,7 @@ import torch
 
 from executors import BlockInputs, make_executor
 from .compile import BlockShape, checkpoint_of, compile, spec_for
-from .config import Config, compose
+from .config import Config, check_config, compose
 from .inputs import check_generate_args
 from .models.weights import CheckpointWeights, DummyWeights, WeightSource, describe_missing
 from .perf.optimize import resolve_policy
@@ -41,7 +41,7 @@ class LLM:
             elif model:
                 ov = [f"model={model}"] + ov
             config = compose(ov)
-        self.cfg = config
+        self.cfg = config = check_config(config)
         self.checkpoint, self.source, self.notice = resolve_weights(config)
         if self.notice:
             print(self.notice, file=sys.stderr)

@@ -6,7 +6,10 @@ Passes and executors take these dataclasses, never Hydra objects.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -168,12 +171,17 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 
 def parse_bytes(value: Any, key: str = "value") -> int:
     """'16GB' / '512MiB' / 1e9 -> bytes; errors name the config key."""
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return int(value)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    m = re.fullmatch(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{key}={value!r} is not a size: write bytes or e.g. '16GB', '512MiB'")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    """A size for people: GB from 10 MB up (as the reports), MB below (not '0.00 GB')."""
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 10e6 else f"{n / 1e6:.2f} MB"
 
 
 def tier_budgets(hw: HardwareConfig) -> Dict[str, int]:
@@ -183,12 +191,46 @@ def tier_budgets(hw: HardwareConfig) -> Dict[str, int]:
 
 
 def to_config(cfg: Any) -> Config:
-    """OmegaConf DictConfig (from Hydra) -> plain typed Config dataclass."""
+    """OmegaConf DictConfig (from Hydra) -> plain typed Config dataclass, checked."""
     from omegaconf import OmegaConf
 
     if isinstance(cfg, Config):
-        return cfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+        return check_config(cfg)
+    check_keys(cfg, Config)
+    return check_config(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg)))
+
+
+def check_keys(node: Any, schema: type, prefix: str = "") -> None:
+    """Every key of a schema-typed node is a field of its dataclass: a key added with `+` and
+    misspelt (+policy.cpu_atention=true) is an error, not silently ignored."""
+    from omegaconf import OmegaConf
+
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), 1)
+            hint = f": did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(hints)}"
+            raise ValueError(f"unknown config key {prefix}{key}{hint}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ) and OmegaConf.is_dict(node._get_node(key)):
+            check_keys(node._get_node(key), typ, f"{prefix}{key}.")
+
+
+def check_config(cfg: Config) -> Config:
+    """Values the schema's types let through but no run can use; errors name the key."""
+    p, w = cfg.policy, cfg.workload
+    for key, v in (("policy.gpu_batch_size", p.gpu_batch_size), ("policy.num_gpu_batches", p.num_gpu_batches),
+                   ("workload.prompt_len", w.prompt_len), ("workload.gen_len", w.gen_len)):
+        if v < 1:
+            raise ValueError(f"{key}={v} must be >= 1")
+    if w.num_prompts is not None and w.num_prompts < 1:
+        raise ValueError(f"workload.num_prompts={w.num_prompts} must be >= 1 (or null: one block of "
+                         "policy.gpu_batch_size x policy.num_gpu_batches)")
+    if not cfg.pipeline:
+        raise ValueError(f"pipeline=[] is empty: a run needs the compiler passes, e.g. the default "
+                         f"pipeline={Config().pipeline}")
+    tier_budgets(cfg.hardware)  # sizes that do not parse name their key
+    return cfg
 
 
 def compose(overrides: Optional[List[str]] = None) -> Config:

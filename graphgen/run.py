@@ -25,8 +25,15 @@ def workload_prompts(cfg: Config, llm: LLM) -> Tuple[torch.Tensor, torch.Tensor]
         if llm.tokenizer is None:
             raise ValueError("workload.prompts_file needs a checkpoint with a tokenizer "
                              "(set model.path to a Hugging Face checkpoint directory)")
-        with open(w.prompts_file) as f:
-            lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+        try:
+            with open(w.prompts_file, encoding="utf-8-sig") as f:
+                lines = [ln.rstrip("\r\n") for ln in f if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"workload.prompts_file={w.prompts_file} is not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
+        if not lines:
+            raise ValueError(f"workload.prompts_file={w.prompts_file} has no prompts (no non-blank line): "
+                             "write one prompt per line")
         lines = (lines * (n // len(lines) + 1))[:n] if w.num_prompts else lines
         enc = llm.tokenizer(lines, return_tensors="pt", padding=True, truncation=True, max_length=w.prompt_len)
         return enc["input_ids"], enc["attention_mask"]

@@ -70,3 +70,32 @@ def test_byte_sizes():
     with pytest.raises(ValueError, match="hardware.host_mem"):
         parse_bytes("lots", "hardware.host_mem")
     assert set(tier_budgets(compose([]).hardware)) == {"device", "host", "disk"}
+
+
+def test_a_misspelt_added_key_is_rejected_with_a_suggestion():
+    with pytest.raises(ValueError, match="unknown config key policy.cpu_atention: did you mean policy.cpu_attention"):
+        compose(["+policy.cpu_atention=true"])
+    with pytest.raises(ValueError, match="unknown config key job.outptu: did you mean job.output"):
+        compose(["+job.outptu=x.jsonl"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("policy.gpu_batch_size=0", "policy.gpu_batch_size=0 must be >= 1"),
+    ("policy.num_gpu_batches=0", "policy.num_gpu_batches=0 must be >= 1"),
+    ("workload.num_prompts=0", "workload.num_prompts=0 must be >= 1"),
+    ("workload.gen_len=0", "workload.gen_len=0 must be >= 1"),
+    ("pipeline=[]", r"pipeline=\[\] is empty"),
+    ("hardware.host_mem=1.2.3GB", r"hardware.host_mem='1.2.3GB' is not a size"),
+    ("hardware.disk_mem=-5", "hardware.disk_mem='-5' is not a size"),
+])
+def test_values_no_run_can_use_are_refused_naming_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        compose([override])
+
+
+def test_sizes_print_in_mb_below_10_mb():
+    from graphgen.config import format_bytes
+
+    assert format_bytes(4096) == "0.00 MB" and format_bytes(2_500_000) == "2.50 MB"
+    assert format_bytes(12e6) == "0.01 GB" and format_bytes(3e9) == "3.00 GB"
+    assert parse_bytes("1.5e3") == 1500 and parse_bytes(".5kB") == 500

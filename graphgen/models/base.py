@@ -49,6 +49,26 @@ class LayerSpec:
         return sum(w.numel for w in self.weights)
 
 
+ARCH_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "intermediate_size", "ffn_dim", "max_position_embeddings")
+
+
+def check_arch(c: Any) -> None:
+    """Architecture numbers that would build a broken model (no layers, no heads) are refused,
+    naming where they came from (a checkpoint's config.json, else model.arch)."""
+    src = getattr(c, "_name_or_path", "")
+    where = f"{src}/config.json" if src else "model.arch"
+    for key in ARCH_POSITIVE:
+        v = getattr(c, key, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{where}: {key}={v!r} must be a positive integer")
+    heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    if not getattr(c, "head_dim", None) and c.hidden_size % heads:
+        raise ValueError(f"{where}: hidden_size={c.hidden_size} is not a multiple of num_attention_heads={heads}")
+    if heads % kv:
+        raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+
+
 class ModelSpec:
     """Base spec: shapes from an HF config; families override the compute hooks."""
 
@@ -58,6 +78,7 @@ class ModelSpec:
         self.hf_config = hf_config
         self.name = name or getattr(hf_config, "_name_or_path", "") or self.family
         c = hf_config
+        check_arch(c)
         self.vocab_size = c.vocab_size
         self.hidden_size = c.hidden_size
         self.num_blocks = c.num_hidden_layers

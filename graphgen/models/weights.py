@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -73,18 +74,20 @@ class CheckpointWeights(WeightSource):
         if f.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(f), "pt") as h:
-                return list(h.keys())
+            with unreadable(f):
+                with safe_open(str(f), "pt") as h:
+                    return list(h.keys())
         return list(self._handle(f).keys())
 
     def _handle(self, f: Path):
         if f not in self._open:
-            if f.suffix == ".safetensors":
-                from safetensors import safe_open
+            with unreadable(f):
+                if f.suffix == ".safetensors":
+                    from safetensors import safe_open
 
-                self._open[f] = safe_open(str(f), "pt")
-            else:
-                self._open[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+                    self._open[f] = safe_open(str(f), "pt")
+                else:
+                    self._open[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
         return self._open[f]
 
     def resolve(self, source: str) -> Optional[str]:
@@ -104,10 +107,15 @@ class CheckpointWeights(WeightSource):
         if name is None:
             raise KeyError(f"checkpoint {self.path} has no tensor {spec.source!r} "
                            f"(needed for {spec.name}); is this the right model family?")
-        h = self._handle(self._where[name])
-        t = h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+        f = self._where[name]
+        h = self._handle(f)
+        with unreadable(f):
+            t = h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
         if tuple(t.shape) != tuple(spec.shape):
             raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != spec shape {spec.shape}")
+        if not t.is_floating_point():  # an integer tensor cast to floats would be garbage
+            raise ValueError(f"{f}: tensor {name} is stored as {t.dtype}; graphgen reads floating-point weights "
+                             "(float32, bfloat16, float16): is this a quantised format it does not read?")
         # a copy in process memory: safetensors / mmap tensors are pages of the checkpoint file,
         # which dropping the page cache would turn back into disk reads
         return t.to(dtype, copy=True)
@@ -135,11 +143,41 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16
 
 def safetensors_index(path: Path) -> Dict[str, tuple]:
     """name -> (absolute byte offset, dtype or None if unknown, shape), from the file's JSON header."""
-    with open(path, "rb") as f:
+    with unreadable(path), open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-    return {name: (8 + n + h["data_offsets"][0], _ST_DTYPES.get(h["dtype"]), h["shape"])
-            for name, h in header.items() if name != "__metadata__"}
+        size = os.fstat(f.fileno()).st_size
+    tensors = {name: h for name, h in header.items() if name != "__metadata__"}
+    end = 8 + n + max((h["data_offsets"][1] for h in tensors.values()), default=0)
+    if size < end:
+        raise CheckpointError(f"checkpoint file {path} is truncated ({size} bytes, its header describes {end}): "
+                              "download it again")
+    return {name: (8 + n + h["data_offsets"][0], _ST_DTYPES.get(h["dtype"]), h["shape"]) for name, h in tensors.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file graphgen cannot read (truncated, corrupt, or holding more than tensors)."""
+
+
+@contextmanager
+def unreadable(path: Path):
+    """Errors of the file-format libraries -> one CheckpointError naming the file and what to do."""
+    import pickle
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint file {path} holds Python objects besides tensors, which graphgen does "
+                              f"not run (torch.load(weights_only=True) refused it: {first}); use a checkpoint with "
+                              "*.safetensors files, or convert this one where you trust its source") from None
+    except Exception as e:  # noqa: BLE001 (safetensors, zip and JSON errors: all mean an unreadable file)
+        if isinstance(e, OSError):  # missing file, no permission: its own message names the file
+            raise
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {e}): it may be "
+                              "truncated or corrupt; download it again") from None
 
 
 def find_checkpoint(path: Optional[str], hf_id: Optional[str]) -> Optional[Path]:
