@@ -40,6 +40,8 @@ from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
 
+from graphgen.config import format_bytes
+
 from .disk_io import ALIGN, CHUNK, FileIO, ReadBuffers, align, aligned_empty, direct_io_works, merge_spans  # noqa: F401
 from .tiers import Tier, Value, nbytes
 
@@ -339,8 +341,8 @@ class DiskTier(Tier):
         """Refuse, before anything is written, a plan that needs more than the free space."""
         free = self.free_bytes()
         if nbytes > free:
-            raise DiskFull(errno.ENOSPC, f"the plan writes {nbytes / 1e9:.2f} GB to hardware.offload_dir="
-                                         f"{self.offload_dir!r}, which has {free / 1e9:.2f} GB free: free space there, "
+            raise DiskFull(errno.ENOSPC, f"the plan writes {format_bytes(nbytes)} to hardware.offload_dir="
+                                         f"{self.offload_dir!r}, which has {format_bytes(free)} free: free space there, "
                                          f"set hardware.offload_dir to a larger disk, or keep more on the host "
                                          f"(policy.percent)")
 

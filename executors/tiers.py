@@ -12,6 +12,8 @@ from typing import Dict, Hashable, Union
 
 import torch
 
+from graphgen.config import format_bytes
+
 Value = Union[torch.Tensor, Dict[str, torch.Tensor]]
 _BUDGET_KEY = {"device": "hardware.device_mem", "host": "hardware.host_mem", "disk": "hardware.disk_mem"}
 
@@ -39,8 +41,8 @@ class Tier:
     def _account(self, key, size: int) -> None:
         with self._lock:
             if self.used + size > self.budget:
-                raise TierFull(f"{self.name} tier over budget: {(self.used + size) / 1e9:.2f} GB needed for "
-                               f"{key}, {_BUDGET_KEY[self.name]} is {self.budget / 1e9:.2f} GB")
+                raise TierFull(f"{self.name} tier over budget: {format_bytes(self.used + size)} needed for "
+                               f"{key}, {_BUDGET_KEY[self.name]} is {format_bytes(self.budget)}")
             self.sizes[key] = size
             self.used += size
             self.peak = max(self.peak, self.used)

@@ -35,12 +35,14 @@ class LLM:
                  config: Optional[Config] = None):
         if config is None:
             ov = list(overrides)
-            if model and Path(model).expanduser().is_dir():
-                p = Path(model).expanduser().resolve()
-                ov = [f"model.path={p}", f"model.name={p.name}"] + ov
-            elif model:
+            path = Path(model).expanduser() if model else None
+            if model and not path.is_dir():
                 ov = [f"model={model}"] + ov
             config = compose(ov)
+            if path is not None and path.is_dir():  # set after composing: a path is no override syntax
+                given = {o.lstrip("+~").split("=", 1)[0] for o in ov}  # (commas, quotes, '=' in it)
+                config.model.path = config.model.path if "model.path" in given else str(path.resolve())
+                config.model.name = config.model.name if "model.name" in given else path.resolve().name
         self.cfg = config = check_config(config)
         self.checkpoint, self.source, self.notice = resolve_weights(config)
         if self.notice:
@@ -225,6 +227,7 @@ def summarize(graph, block_stats: List[Dict], n_seqs: int, S: int, gen: int, wal
     sh = graph.graph["shape"]
     return {
         "model": llm.spec.name, "weights": llm.source.kind, "schedule": graph.graph["schedule"],
+        "checkpoint": str(llm.checkpoint) if llm.checkpoint else None,
         "executor": llm.cfg.executor.name, "num_prompts": n_seqs, "prompt_len": S, "gen_len": gen,
         "gpu_batch_size": sh.batch, "num_gpu_batches": graph.graph["num_batches"],
         "effective_batch": sh.batch * graph.graph["num_batches"],

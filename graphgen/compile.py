@@ -54,7 +54,9 @@ def checkpoint_of(cfg: Config) -> Optional[Path]:
 def spec_for(cfg: Config, checkpoint: Optional[Path] = None) -> ModelSpec:
     """The architecture spec: from the checkpoint's config.json when there is one, else model.arch."""
     hf = hf_config_from_dir(checkpoint) if checkpoint else hf_config_from_arch(cfg.model.arch)
-    return build_spec(hf, cfg.model.name)
+    # a checkpoint named by model.path is reported by its directory, not by the config's default model
+    name = Path(cfg.model.path).expanduser().resolve().name if cfg.model.path and checkpoint else cfg.model.name
+    return build_spec(hf, name)
 
 
 def compile(spec: ModelSpec, cfg: Config, shape: BlockShape) -> nx.DiGraph:  # noqa: A001 (the compiler's verb)

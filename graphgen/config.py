@@ -179,9 +179,9 @@ def parse_bytes(value: Any, key: str = "value") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def format_bytes(n: float) -> str:
-    """A size for people: GB from 10 MB up (as the reports), MB below (not '0.00 GB')."""
-    return f"{n / 1e9:.2f} GB" if abs(n) >= 10e6 else f"{n / 1e6:.2f} MB"
+def format_bytes(n: float, digits: int = 2) -> str:
+    """A size for people: GB from 10 MB up, MB below (not '0.00 GB')."""
+    return f"{n / 1e9:.{digits}f} GB" if abs(n) >= 10e6 else f"{n / 1e6:.2f} MB"
 
 
 def tier_budgets(hw: HardwareConfig) -> Dict[str, int]:

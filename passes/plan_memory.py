@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from graphgen.config import TIERS, tier_budgets
+from graphgen.config import TIERS, format_bytes, tier_budgets
 
 from . import PassError, register
 
@@ -86,7 +86,7 @@ def plan_memory(graph, cfg):
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return format_bytes(n)
 
 
 def over_budget(tier, ledger, budget, cfg) -> str:

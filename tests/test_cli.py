@@ -29,7 +29,7 @@ def test_checkpoint_path_and_offload_placement(opt_ckpt, tmp_path):
                 "policy.percent=[0,50,0,50,0,100]", "policy.cpu_attention=true", "workload.prompt_len=6",
                 f"hardware.offload_dir={tmp_path}/off", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "(hf weights)" in r.stdout and "disk" in r.stdout
+    assert f"model {path.name} (hf weights from {path})" in r.stdout and "disk" in r.stdout
     off = tmp_path / "off"
     assert not off.exists() or list(off.iterdir()) == []  # offload files are cleaned up
 
