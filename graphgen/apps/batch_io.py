@@ -6,6 +6,7 @@ file is append-only JSONL whose torn tail (a crash mid-write) is cut on resume.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ def _check_fields(rec: Dict[str, Any]) -> Optional[str]:
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         return f"max_new_tokens must be an integer >= 1, got {json.dumps(m)}"
     t = rec.get("temperature")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf):
         return f"temperature must be a number >= 0 (0: greedy), got {json.dumps(t)}"
     s = rec.get("stop")
     if s is not None and not (isinstance(s, str) or (isinstance(s, list) and all(isinstance(x, str) for x in s))):

@@ -261,6 +261,6 @@ def test_report_says_what_is_compressed():
     from graphgen.report.text import compression_line
 
     c = wide([W4]).graph["compression"]
-    want = f"weights 4-bit g64 ({c['weight']['bytes'] / 1e9:.3f} GB, {c['weight']['ratio']:.0%} of dense)"
+    want = f"weights 4-bit g64 ({c['weight']['bytes'] / 1e6:.2f} MB, {c['weight']['ratio']:.0%} of dense)"  # < 10 MB
     assert compression_line(c) == ["compression   " + want] and c["cache"] is None
     assert compression_line({"weight": None, "cache": None}) == []
