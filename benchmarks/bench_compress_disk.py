@@ -12,7 +12,6 @@ where the filesystem allows it, so "disk" means the disk.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

@@ -25,7 +25,8 @@ from graphgen.sampling import Sampling, select_tokens, step_generator, token_log
 
 from . import compressed as cq
 from . import memory
-from .disk import ALIGN, CHUNK, DiskTier, Extent
+from .disk import DiskTier, Extent
+from .disk_io import ALIGN, CHUNK
 from .tiers import Tier
 from .quant import temp_nbytes
 from .trace import Trace

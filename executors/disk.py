@@ -42,7 +42,7 @@ import torch
 
 from graphgen.config import format_bytes
 
-from .disk_io import ALIGN, CHUNK, FileIO, ReadBuffers, align, aligned_empty, direct_io_works, merge_spans  # noqa: F401
+from .disk_io import ALIGN, FileIO, ReadBuffers, align, aligned_empty, direct_io_works, merge_spans
 from .tiers import Tier, Value, nbytes
 
 RUN_PREFIX = "graphgen-"  # run directories in the offload dir

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ..compile import compile, spec_for, workload_shape
+from ..compile import checkpoint_of, compile, spec_for, workload_shape
 from ..config import Config
 from ..verify import PassError
 from .costmodel import Prediction, simulate
@@ -109,7 +109,7 @@ def policy_for(cfg: Config, cand: Candidate) -> Config:
 def compile_policy(cfg: Config, spec=None):
     """compile() for cfg's policy and workload: (graph, None) or (partial graph, PassError)."""
     try:
-        return compile(spec or spec_for(cfg), cfg, workload_shape(cfg)), None
+        return compile(spec or spec_for(cfg, checkpoint_of(cfg)), cfg, workload_shape(cfg)), None
     except PassError as e:
         return e.graph, e
 

@@ -17,13 +17,13 @@ def predict(cfg: Config, graph=None) -> Prediction:
     return simulate(graph, model, overlap=cfg.executor.name != "reference")
 
 
-def format_prediction(cfg: Config, pr: Prediction) -> str:
+def format_prediction(cfg: Config, pr: Prediction, name: str = "") -> str:
     p, w = cfg.policy, cfg.workload
     n = w.num_prompts or p.gpu_batch_size * p.num_gpu_batches
     blocks = math.ceil(n / (p.gpu_batch_size * p.num_gpu_batches))
     gb = lambda x: f"{x / 1e9:.1f} GB"  # noqa: E731
     lines = [
-        f"simulated {cfg.model.name} on hardware={cfg.hardware.name}, schedule {cfg.schedule.name}, "
+        f"simulated {name or cfg.model.name} on hardware={cfg.hardware.name}, schedule {cfg.schedule.name}, "
         f"policy percent={list(p.percent)} gbs={p.gpu_batch_size} x {p.num_gpu_batches} "
         f"cpu_attention={p.cpu_attention}; {blocks} block(s) of prompt {w.prompt_len} -> gen {w.gen_len}",
         f"predicted   prefill {pr.prompt_tokens / pr.prefill_s if pr.prefill_s else 0:.1f} tok/s   "
@@ -41,7 +41,8 @@ def format_prediction(cfg: Config, pr: Prediction) -> str:
 
 
 def run_simulation(cfg: Config) -> Prediction:
-    cfg = resolve_policy(cfg, out=sys.stdout)  # policy=auto: optimise, print the choice
-    pr = predict(cfg)
-    print(format_prediction(cfg, pr))
+    spec = spec_for(cfg, checkpoint_of(cfg))  # model.path: the checkpoint's architecture, not model.arch
+    cfg = resolve_policy(cfg, out=sys.stdout, spec=spec)  # policy=auto: optimise, print the choice
+    pr = predict(cfg, compile(spec, cfg, workload_shape(cfg)))
+    print(format_prediction(cfg, pr, spec.name))
     return pr

@@ -19,10 +19,10 @@ from executors.disk import DiskTier
 from graphgen import LLM
 from graphgen.config import compose
 
-from .conftest import left_padded_batch
+from ..conftest import left_padded_batch
 
 GB = 10**9
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OTHER = 54321  # a uid that owns nothing on this machine
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="making files owned by another user needs root")
 

@@ -7,7 +7,7 @@ import torch
 
 from graphgen import LLM
 
-from .conftest import left_padded_batch
+from ..conftest import left_padded_batch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -4,18 +4,15 @@ clear refusal, never a traceback; a refused results file is left exactly as it w
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_llm import FakeLLM  # noqa: E402
+from graphgen.apps.batch import run_batch
+from graphgen.apps.batch_io import BadInputError, GenSettings, JobRefused, read_input, repair_output, validate
 
-from graphgen.apps.batch import run_batch  # noqa: E402
-from graphgen.apps.batch_io import (BadInputError, GenSettings, JobRefused, read_input,  # noqa: E402
-                                    repair_output, validate)
+from ..fake_llm import FakeLLM
 
 LLM = FakeLLM(block_size=4)
 DEFAULTS = GenSettings(4, False, 1.0, 0, 1.0)

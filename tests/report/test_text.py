@@ -1,4 +1,4 @@
-"""The text report (graphgen/report.py): names the checkpoint that ran, small sizes in MB, and a
+"""The text report (graphgen/report/text.py): names the checkpoint that ran, small sizes in MB, and a
 measured-RAM line that says what an excess over the plan means."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import shutil
 
 from graphgen import LLM
 from graphgen.config import compose
-from graphgen.report import format_report, measured_lines
+from graphgen.report.text import format_report, measured_lines
 
-from .conftest import left_padded_batch
+from ..conftest import left_padded_batch
 
 
 def test_report_names_the_checkpoint_and_prints_small_sizes_in_mb(opt_ckpt, tmp_path):
