@@ -35,8 +35,9 @@ import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Dict, Hashable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -129,6 +130,18 @@ class RunDir:
         self.name = self.fd = self.lock_fd = self.parent_fd = None
         _remove_dirs(self.made)
         self.made = []
+
+
+@contextmanager
+def private_run_dir(offload_dir: Optional[str] = None) -> Iterator[str]:
+    """The path of a fresh private run directory in the (checked) offload dir, removed after:
+    for tools that open files by path (the disk probes of graphgen.perf)."""
+    run = RunDir(os.path.abspath(os.path.expanduser(offload_dir or default_offload_dir())))
+    try:
+        run.create()
+        yield run.path
+    finally:
+        run.cleanup()
 
 
 def open_offload_dir(path: str) -> Tuple[int, List[str]]:

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from executors.disk import private_run_dir
 from executors.quant import dequantize, quantize
 
 from ..models import build_spec, hf_config_from_arch
@@ -214,11 +215,15 @@ def executor_profile(device: torch.device, shapes: Shapes, quick: bool, repeats:
 
 def disk_latency(offload_dir: str, repeats: int = 20) -> float:
     """Median seconds of open + one 4 KiB read + close at a random offset of a 64 MiB file,
-    O_DIRECT where the filesystem takes it (else buffered after posix_fadvise(DONTNEED))."""
+    O_DIRECT where the filesystem takes it (else buffered after posix_fadvise(DONTNEED)).
+    In a private run directory of the offload dir, checked and cleaned up as the disk tier's."""
+    with private_run_dir(offload_dir) as d:
+        return _disk_latency(os.path.join(d, "latency.bin"), repeats)
+
+
+def _disk_latency(path: str, repeats: int) -> float:
     import random
 
-    os.makedirs(offload_dir, exist_ok=True)
-    path = os.path.join(offload_dir, f"graphgen-latency-{os.getpid()}.bin")
     size, buf = 64 << 20, _aligned_buffer(4096)
     try:
         with open(path, "wb") as f:
@@ -314,10 +319,13 @@ def disk_bw(offload_dir: str, size: int, repeats: int = 3) -> Dict[str, float]:
     """Sequential write/read bytes/s of a fresh file in offload_dir, bypassing the page cache.
 
     Median of repeats (not best): a disk's own variance (write caches, burst credits of cloud
-    volumes) is part of what offloading will see.
+    volumes) is part of what offloading will see. In a private run directory, as disk_latency.
     """
-    os.makedirs(offload_dir, exist_ok=True)
-    path = os.path.join(offload_dir, f"graphgen-profile-{os.getpid()}.bin")
+    with private_run_dir(offload_dir) as d:
+        return _disk_bw(os.path.join(d, "profile.bin"), size, repeats)
+
+
+def _disk_bw(path: str, size: int, repeats: int) -> Dict[str, float]:
     block = min(IO_BLOCK, size)
     size -= size % block
     bufs = [_aligned_buffer(block) for _ in range(IO_THREADS)]

@@ -109,11 +109,12 @@ def detect_memory(device: str = "cpu", offload_dir: Optional[str] = None) -> Dic
             available = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         pass
-    offload_dir = offload_dir or default_offload_dir()
-    os.makedirs(offload_dir, exist_ok=True)
+    disk = os.path.abspath(offload_dir or default_offload_dir())
+    while not os.path.exists(disk):  # the filesystem it will be made on: nothing is created to ask
+        disk = os.path.dirname(disk)
     return {"device_total": torch.cuda.mem_get_info(dev)[1] if dev.type == "cuda" else 0,
             "host_total": os.sysconf("SC_PHYS_PAGES") * page, "host_available": available,
-            "disk_free": shutil.disk_usage(offload_dir).free}
+            "disk_free": shutil.disk_usage(disk).free}
 
 
 def measure(device: str = "cpu", offload_dir: Optional[str] = None,

@@ -1,5 +1,6 @@
 """Hardware profiler: quick measurement, cache round trip, published profiles against the schema."""
 import json
+import os
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_quick_measure_is_quick_and_cleans_up(quick_record):
         quick, full = hp.SHAPES[(kind, True)], hp.SHAPES[(kind, False)]
         assert quick.disk_bytes < full.disk_bytes and quick.mm[0] < full.mm[0]
     assert record["meta"]["quick"] is True
-    assert list((root / "offload").iterdir()) == []  # disk test file removed
+    assert not (root / "offload").exists()  # the disk test files removed, and the directory made for them
 
 
 def test_cache_written_and_reused(quick_record, monkeypatch):
@@ -91,6 +92,20 @@ def test_disk_fallback_without_o_direct(tmp_path, monkeypatch):
     out = probes.disk_bw(str(tmp_path), 8 << 20, repeats=1)
     assert out["disk_o_direct"] == 0.0 and out["disk_read_bw"] > 0 and out["disk_write_bw"] > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_probes_use_a_private_run_directory(tmp_path):
+    """The probes' files live in a fresh 0700 run directory of a checked offload dir (as the disk
+    tier's): a shared directory others may write without the sticky bit is refused."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(PermissionError, match="without the sticky bit"):
+        probes.disk_latency(str(shared), repeats=1)
+    assert probes.disk_latency(str(tmp_path / "new"), repeats=2) > 0
+    assert list(tmp_path.iterdir()) == [shared] and list(shared.iterdir()) == []
+    hp.detect_memory("cpu", str(tmp_path / "not" / "made"))
+    assert not (tmp_path / "not").exists()
 
 
 def test_cuda_without_gpu_is_a_clear_error():
