@@ -62,7 +62,7 @@ def test_bad_lengths_are_refused(llm):
         llm.generate(torch.tensor([[5] * 60]), max_new_tokens=5)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_ids_and_masks_give_a_result_or_a_clear_error(llm, data):
     B, S = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 5))

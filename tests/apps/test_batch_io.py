@@ -34,19 +34,19 @@ def check_reader(data: bytes, suffix: str) -> None:
     assert all(isinstance(r.prompt, str) and r.ids for r in requests)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(data=st.binary(max_size=300), suffix=st.sampled_from([".jsonl", ".txt", ""]))
 def test_random_bytes_in_the_prompts_file(data, suffix):
     check_reader(data, suffix)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(lines=st.lists(JSON | FIELDS, max_size=6))
 def test_random_json_in_the_prompts_file(lines):
     check_reader("".join(json.dumps(x) + "\n" for x in lines).encode(), ".jsonl")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None, database=None)
 @given(lines=st.lists(FIELDS | st.fixed_dictionaries({"id": st.integers(0, 5), "prompt": st.text(max_size=30)}),
                       max_size=6))
 def test_random_jobs_end_in_results_or_a_clear_refusal(lines):
@@ -63,7 +63,7 @@ def test_random_jobs_end_in_results_or_a_clear_refusal(lines):
         assert len(out.read_text().splitlines()) == s.total
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(data=st.binary(max_size=200) | st.lists(st.sampled_from([
     b'{"id": 1, "prompt": "p", "completion": "c", "finish_reason": "eos"}\n', b'{"id": 2, "pro', b"\0\0\0",
     b"\n", b"notes", b'{"id": 3}\n']), max_size=5).map(b"".join))
