@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import drop_page_cache  # noqa: E402
-from executors.disk import default_offload_dir  # noqa: E402
+from executors.offload_dir import default_offload_dir  # noqa: E402
 from graphgen import LLM  # noqa: E402
 
 

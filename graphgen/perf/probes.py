@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from executors.disk import private_run_dir
+from executors.offload_dir import private_run_dir
 from executors.quant import dequantize, quantize
 
 from ..models import build_spec, hf_config_from_arch

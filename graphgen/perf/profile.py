@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from executors.disk import default_offload_dir  # the disk tier owns the rule
+from executors.offload_dir import default_offload_dir  # the runtime owns the rule
 
 from .probes import SHAPES, _compute_profile, _link_profile, disk_bw, disk_latency, executor_profile
 

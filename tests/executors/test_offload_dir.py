@@ -1,4 +1,4 @@
-"""The disk tier's offload dir (executors/disk.py): a private default, refusal of directories
+"""The offload dir (executors/offload_dir.py, through the disk tier): a private default, refusal of directories
 other users could write or own, no path redirection by symlinks, run directories locked while
 their run lives, removed on SIGTERM, and reclaimed after SIGKILL by the next run."""
 from __future__ import annotations
