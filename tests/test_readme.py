@@ -164,6 +164,13 @@ def test_readme_python_snippet_runs(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().out.strip(), "the README snippet printed nothing"
 
 
+
+def test_readme_opens_with_the_two_setup_commands():
+    """The first code block sets up and runs the main job, then the tests (CI runs the second)."""
+    first = FENCE.findall((ROOT / "README.md").read_text())[0][1]
+    assert "pip install torch==2.13.0 && pip install -e . && python -m graphgen" in first
+    assert 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q' in first
+
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
