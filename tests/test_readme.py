@@ -133,8 +133,9 @@ def test_cheap_command_runs(cmd, where, monkeypatch, tmp_path):
     from graphgen.run import run
 
     monkeypatch.chdir(tmp_path)
-    cfg = compose([*cmd[2:], f"viz.out_dir={tmp_path}"])
-    assert run(cfg)
+    st = run(compose([*cmd[2:], f"viz.out_dir={tmp_path}"]))
+    assert st, f"{where}: python {' '.join(cmd)} reported nothing"
+    assert all(Path(f).is_file() for f in st.get("files", [])), st["files"]
 
 
 def test_docs_python_blocks_compile():
