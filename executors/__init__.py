@@ -6,6 +6,8 @@ from typing import Dict, Type
 from .base import BlockInputs, Executor  # noqa: F401
 from .async_streams import AsyncExecutor
 from .reference import ReferenceExecutor
+from .pipeline import STAGE_EXECUTORS, check_launched
+from graphgen.config import num_stages
 
 EXECUTORS: Dict[str, Type[Executor]] = {"reference": ReferenceExecutor, "async": AsyncExecutor}
 
@@ -14,4 +16,8 @@ def make_executor(spec, weights, cfg) -> Executor:
     name = cfg.executor.name
     if name not in EXECUTORS:
         raise ValueError(f"executor.name={name!r} is unknown; known executors: {', '.join(sorted(EXECUTORS))}")
+    stages = num_stages(cfg)
+    if stages > 1:  # one pipeline stage per process (executors/pipeline.py)
+        check_launched(cfg, stages)
+        return STAGE_EXECUTORS[name](spec, weights, cfg)
     return EXECUTORS[name](spec, weights, cfg)

@@ -11,6 +11,8 @@ Ctrl-C lands there). An op starts when
 - (a compute) the stores of STORE_LAG slots back have finished: stores in flight are bounded;
 - (a store) the loads issued up to its slot have finished: an activation a load takes out of
   host or disk leaves before the next one lands there, as in the plan.
+A pipeline stage's sends and receives (passes/insert_comm.py) run on a fourth stream, comm; a
+receive, like a load, waits for the compute of the slot before its own.
 A square's stores take their values out of the device tier right after it computes, as the
 reference executor does, so the tiers' accounting follows the plan exactly; the write
 itself runs on the store stream.
@@ -61,7 +63,7 @@ class AsyncExecutor(Executor):
         if self.cuda is not None:  # weights and caches were set up on the default stream
             self.cuda.synchronize()
         self._stores_of, self._taken = plan.stores_of, {}
-        self._progress = [0, 0, 0]
+        self._progress = [0] * len(STREAMS)
         self._cv = threading.Condition()
         self._lock = threading.Lock()
         self._error = None
@@ -71,7 +73,7 @@ class AsyncExecutor(Executor):
         self._mark = time.perf_counter()
         self._last_kind = "prefill"
         workers = [threading.Thread(target=self._worker, args=(s, plan), name=f"graphgen-{s}", daemon=True)
-                   for s in ("load", "store")]
+                   for s in STREAMS if s != "compute"]
         for w in workers:
             w.start()
         try:
@@ -118,12 +120,12 @@ class AsyncExecutor(Executor):
                 self._progress[s] = idx + 1
                 self._cv.notify_all()
 
-    def _wait(self, need: Tuple[int, int, int]) -> None:
+    def _wait(self, need: Tuple[int, ...]) -> None:
         p = self._progress
-        if p[0] >= need[0] and p[1] >= need[1] and p[2] >= need[2] and not self._aborted:
+        if all(x >= y for x, y in zip(p, need)) and not self._aborted:
             return
         with self._cv:
-            while not self._aborted and (p[0] < need[0] or p[1] < need[1] or p[2] < need[2]):
+            while not self._aborted and any(x < y for x, y in zip(p, need)):
                 self._cv.wait(0.5)
             if self._aborted:
                 raise _Abort()

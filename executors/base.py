@@ -81,13 +81,16 @@ class Executor:
     # --- setup ------------------------------------------------------------------
     def place_weights(self, graph) -> None:
         """Read each layer's weights once (tensor by tensor) into its home tier."""
-        homes = [graph.nodes[(0, j, 0)]["w_home"] for j in range(graph.graph["num_layers"])]
+        homes = self.homes(graph)
         comps = [graph.nodes[(0, j, 0)].get("w_compressed") for j in range(graph.graph["num_layers"])]
         if homes == self.w_homes and comps == self.w_comps:  # placed (and quantised) once per run
             return
         for j in range(len(self.w_homes or [])):
-            self.tiers[self.w_homes[j]].pop(("w", j))
+            if self.w_homes[j] is not None:
+                self.tiers[self.w_homes[j]].pop(("w", j))
         for j, layer in enumerate(self.spec.layers):
+            if homes[j] is None:  # another pipeline stage's layer
+                continue
             tier = self.tiers[homes[j]]
             extents = self.in_place(layer) if homes[j] == "disk" and not comps[j] else None
             if extents is not None:  # already on disk in the checkpoint: read from there, not copied
@@ -100,6 +103,19 @@ class Executor:
                                     for w in layer.weights})
         self.w_homes, self.w_comps = homes, comps
         self.source.close()  # unmap the checkpoint files read (reopened if weights move again)
+
+    def runs_layer(self, graph, j: int) -> bool:
+        """Whether this process runs layer j (a pipeline stage runs only its own: executors/pipeline.py)."""
+        return True
+
+    def homes(self, graph) -> List[Optional[str]]:
+        """Each layer's weight home; None for layers this process does not run."""
+        return [graph.nodes[(0, j, 0)]["w_home"] if self.runs_layer(graph, j) else None
+                for j in range(graph.graph["num_layers"])]
+
+    def planned_peaks(self, graph) -> Dict[str, int]:
+        """The memory plan's peaks per tier for what this process runs."""
+        return graph.graph.get("peak_bytes", {})
 
     def to_tier(self, t: torch.Tensor, tier: Tier) -> torch.Tensor:
         """A weight tensor moved to the tier's memory (host weights pinned on a GPU machine)."""
@@ -123,10 +139,10 @@ class Executor:
     def check_disk(self, graph) -> None:
         """Before anything is written: the offload dir must hold what the plan puts there."""
         disk = self.tiers["disk"]
-        planned = graph.graph.get("peak_bytes", {}).get("disk", 0)
+        planned = self.planned_peaks(graph).get("disk", 0)
         if planned == 0:
             return
-        homes = [graph.nodes[(0, j, 0)]["w_home"] for j in range(graph.graph["num_layers"])]
+        homes = self.homes(graph)
         in_place = 0
         if homes != self.w_homes:  # weights about to be placed: those read in place need no space
             in_place = sum(nbytes_of(layer, self.dtype) for layer, h in zip(self.spec.layers, homes)
@@ -138,7 +154,7 @@ class Executor:
         shape = (2, sh.max_len, sh.batch, spec.num_kv_heads, spec.head_dim)
         for k in range(graph.graph["num_batches"]):
             for layer in spec.layers:
-                if layer.kind == "attn":
+                if layer.kind == "attn" and self.runs_layer(graph, layer.index):
                     a = graph.nodes[(0, layer.index, k)]
                     key, comp, tier = ("kv", layer.index, k), a.get("kv_compressed"), self.tiers[a["kv_home"]]
                     if cq.cache_key(key, comp) not in tier:  # a session's cache persists
@@ -178,13 +194,14 @@ class Executor:
             extra += temp_nbytes(self.device.type)  # quantise / dequantise scratch, one block at a time
         if self.cfg.policy.compress_weight.bits and self.work is not None:
             extra += self.work.cap  # free dequantisation buffers kept for reuse
-        if graph.graph.get("peak_bytes", {}).get("disk", 0):
+        if self.planned_peaks(graph).get("disk", 0):
             extra += self.cfg.executor.io_threads * CHUNK
         if self.device.type == "cpu":  # free buffers of weights read from disk, `keep` per layer size
             first = [graph.nodes[(0, j, 0)] for j in range(graph.graph["num_layers"])]  # as place_weights
-            sizes = {a["w_bytes"] for a in first if a["w_home"] == "disk" and a["w_bytes"]}
+            sizes = {a["w_bytes"] for j, a in enumerate(first) if a["w_home"] == "disk" and a["w_bytes"]
+                     and self.runs_layer(graph, j)}
             extra += self.tiers["disk"].buffers.keep * sum(n + 2 * ALIGN for n in sizes)
-        return memory.stated_overhead(planned_ram(graph, self.device), extra)
+        return memory.stated_overhead(planned_ram(self.planned_peaks(graph), self.device), extra)
 
     def _run_block(self, graph, inputs: BlockInputs) -> torch.Tensor:
         self.place_weights(graph)
@@ -404,7 +421,6 @@ def nbytes_of(layer, dtype: torch.dtype) -> int:
     return layer.numel * dtype.itemsize
 
 
-def planned_ram(graph, device: torch.device) -> int:
+def planned_ram(peaks: Dict[str, int], device: torch.device) -> int:
     """Planned peak of what lives in this process's RAM: host (+ device when it is the CPU)."""
-    peaks = graph.graph.get("peak_bytes", {})
     return peaks.get("host", 0) + (peaks.get("device", 0) if device.type == "cpu" else 0)

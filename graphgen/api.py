@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from executors import BlockInputs, make_executor
+from . import distributed
 from .compile import BlockShape, checkpoint_of, compile, spec_for
 from .config import Config, check_config, compose
 from .inputs import check_generate_args
@@ -43,7 +44,8 @@ class LLM:
                 given = {o.lstrip("+~").split("=", 1)[0] for o in ov}  # (commas, quotes, '=' in it)
                 config.model.path = config.model.path if "model.path" in given else str(path.resolve())
                 config.model.name = config.model.name if "model.name" in given else path.resolve().name
-        self.cfg = config = check_config(config)
+        # under torchrun: this process runs one pipeline stage (graphgen/distributed.py)
+        self.cfg = config = distributed.setup(check_config(config))
         self.checkpoint, self.source, self.notice = resolve_weights(config)
         if self.notice:
             print(self.notice, file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,17 @@ class VizConfig:
     detail_batches: Optional[List[int]] = None
 
 
+@dataclass
+class ParallelConfig:
+    # pipeline parallelism (passes/partition_stages.py, graphgen/distributed.py; docs/distributed.md)
+    stages: Optional[int] = None  # pipeline stages; None: WORLD_SIZE under torchrun, else 1
+    stage_layers: List[int] = field(default_factory=list)  # layers per stage (embedding and head count); [] = balanced
+    # per stage {device_mem, host_mem, disk_mem}; [] = hardware.* for every stage (under torchrun each
+    # rank's own hardware.* is gathered here at start-up)
+    stage_budgets: List[Dict[str, str]] = field(default_factory=list)
+    timeout_s: float = 300.0  # a rank that answers nothing for this long is reported dead and the run stops
+
+
 JOB_NAMES = ("generate", "batch", "simulate", "plan")  # the run modes (conf/job/)
 BAD_INPUT_MODES = ("skip", "stop")
 INPUT_FORMATS = ("auto", "jsonl", "text")
@@ -152,9 +164,11 @@ class Config:
     viz: VizConfig = field(default_factory=VizConfig)
     job: JobConfig = field(default_factory=JobConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # compiler pipeline: pass names registered in passes/
     pipeline: List[str] = field(default_factory=lambda: [
-        "order", "place_tensors", "compress", "delegate_cpu_attention", "insert_io", "plan_memory"])
+        "partition_stages", "order", "place_tensors", "compress", "delegate_cpu_attention", "insert_io",
+        "insert_comm", "plan_memory"])
     seed: int = 0
 
 
@@ -188,6 +202,28 @@ def tier_budgets(hw: HardwareConfig) -> Dict[str, int]:
     return {"device": parse_bytes(hw.device_mem, "hardware.device_mem"),
             "host": parse_bytes(hw.host_mem, "hardware.host_mem"),
             "disk": parse_bytes(hw.disk_mem, "hardware.disk_mem")}
+
+
+def num_stages(cfg: "Config") -> int:
+    """Pipeline stages: parallel.stages, else the world size torchrun started (WORLD_SIZE), else 1."""
+    return int(cfg.parallel.stages or os.environ.get("WORLD_SIZE") or 1)
+
+
+def stage_budgets(cfg: "Config") -> List[Dict[str, int]]:
+    """Tier budgets of each stage: parallel.stage_budgets (missing keys from hardware.*), else hardware.*."""
+    n, own = num_stages(cfg), tier_budgets(cfg.hardware)
+    given = cfg.parallel.stage_budgets
+    if given and len(given) != n:
+        raise ValueError(f"parallel.stage_budgets has {len(given)} entries for {n} stages: give one per stage "
+                         f"or none")
+    out = []
+    for s, b in enumerate(given or [{}] * n):
+        bad = set(b) - {"device_mem", "host_mem", "disk_mem"}
+        if bad:
+            raise ValueError(f"parallel.stage_budgets[{s}] has {sorted(bad)}: keys are device_mem, host_mem, disk_mem")
+        out.append({t: parse_bytes(b[f"{t}_mem"], f"parallel.stage_budgets[{s}].{t}_mem") if f"{t}_mem" in b
+                    else own[t] for t in TIERS})
+    return out
 
 
 def to_config(cfg: Any) -> Config:

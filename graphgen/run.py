@@ -7,6 +7,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from . import distributed
 from .api import LLM
 from .apps.batch import main as batch_main
 from .compile import checkpoint_of, compile, spec_for, workload_shape
@@ -46,7 +47,11 @@ def run(cfg: Config) -> Dict:
     """Run the job cfg.job.name names (the one run-mode key: job=generate|batch|simulate|plan)."""
     if cfg.job.name not in JOBS:
         raise ValueError(f"job.name={cfg.job.name!r} is unknown: use job={' | job='.join(JOBS)}")
-    return JOBS[cfg.job.name](cfg)
+    cfg = distributed.setup(cfg)  # under torchrun: one pipeline stage per rank (graphgen/distributed.py)
+    try:
+        return JOBS[cfg.job.name](cfg)
+    finally:
+        distributed.teardown()
 
 
 def generate_job(cfg: Config) -> Dict:
@@ -60,6 +65,9 @@ def generate_job(cfg: Config) -> Dict:
         out = llm.generate(ids, mask, max_new_tokens=w.gen_len, do_sample=w.do_sample,
                            temperature=w.temperature, top_k=w.top_k, top_p=w.top_p, seed=cfg.seed)
         st, out_dir = llm.last_stats, files.output_dir(cfg)
+        st = distributed.gather_report(st, llm.executor)  # torchrun: every stage's figures, on rank 0
+        if not distributed.is_reporter():
+            return st
         add_prediction(st, cfg, llm.graph)
         if files.wanted(cfg):
             st["files"] = [str(f) for f in files.write_visuals(cfg, llm.graph, llm.executor.trace, out_dir)]

@@ -1,6 +1,7 @@
 """The async executor's stream plan, shared with the cost model: which stream (load / compute /
-store) runs each op of the flat schedule, and how many ops of each stream must be done before
-it may start (the rules are in executors/async_streams.py)."""
+store, and comm for a pipeline stage's sends and receives) runs each op of the flat schedule, and
+how many ops of each stream must be done before it may start (the rules are in
+executors/async_streams.py)."""
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
@@ -8,14 +9,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-STREAMS = ("load", "compute", "store")
+STREAMS = ("load", "compute", "store", "comm")
+STREAM_OF = {"send": "comm", "recv": "comm"}  # op -> stream, where they differ
 STORE_LAG = 2  # compute t waits for the stores of slot t - 2: one slot of stores overlaps compute
 
 
 @dataclass
 class StreamPlan:
     ops: Dict[str, List]  # stream -> its nodes, in schedule order
-    waits: Dict[object, Tuple[int, int, int]]  # node -> ops done needed on (load, compute, store)
+    waits: Dict[object, Tuple[int, ...]]  # node -> ops done needed on each of STREAMS
     stores_of: Dict[object, List]  # square -> its store nodes
 
 
@@ -25,7 +27,8 @@ def plan_streams(graph, ops, store_lag: int = STORE_LAG) -> StreamPlan:
     lists: Dict[str, List] = {s: [] for s in STREAMS}
     pos = {}
     for n in ops:
-        s = A[n].get("op", "compute")
+        op = A[n].get("op", "compute")
+        s = STREAM_OF.get(op, op)
         pos[n] = (s, len(lists[s]))
         lists[s].append(n)
     load_slots = [A[n]["slot"] for n in lists["load"]]
@@ -40,14 +43,14 @@ def plan_streams(graph, ops, store_lag: int = STORE_LAG) -> StreamPlan:
                 ps, pidx = pos[p]
                 assert ps != s or pidx < idx, f"{p} runs after its consumer {n} on stream {s}"
                 need[ps] = max(need[ps], pidx + 1)
-        if s == "load":  # not before the compute of the previous slot finished (memory plan)
+        if s == "load" or a.get("op") == "recv":  # not before the compute of the previous slot (memory plan)
             need["compute"] = max(need["compute"], bisect_left(compute_slots, a["slot"]))
         elif s == "compute":
             need["store"] = max(need["store"], bisect_right(store_slots, a["slot"] - store_lag))
-        else:
+        elif s == "store":
             need["load"] = max(need["load"], bisect_right(load_slots, a["slot"]))
         need[s] = 0  # same stream: order already guarantees it
-        waits[n] = (need["load"], need["compute"], need["store"])
+        waits[n] = tuple(need[x] for x in STREAMS)
     stores_of: Dict[object, List] = defaultdict(list)
     for n in lists["store"]:
         stores_of[A[n]["square"]].append(n)

@@ -14,7 +14,8 @@ import networkx as nx
 from graphgen.verify import PassError, verify
 
 PASSES: Dict[str, "Pass"] = {}
-_MODULES = ("order", "place_tensors", "delegate_cpu_attention", "insert_io", "plan_memory", "compress")
+_MODULES = ("order", "place_tensors", "delegate_cpu_attention", "insert_io", "plan_memory", "compress",
+            "partition_stages", "insert_comm")
 
 
 @dataclass(frozen=True)

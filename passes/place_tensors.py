@@ -3,7 +3,9 @@
 requires: -    provides: w_home (layer granularity), kv_home (per cache tensor (j, k)),
 act_home (per activation tensor (j, k)). The rest after device% and host% goes to disk.
 Each tensor goes to the tier whose cumulative share contains its midpoint, so the byte
-split matches the percents as closely as whole tensors allow.
+split matches the percents as closely as whole tensors allow. With pipeline stages the split
+is made within each stage (each has its own tiers), and an activation sent to the next stage
+stays on the device it is sent from.
 """
 from __future__ import annotations
 
@@ -35,28 +37,44 @@ def split(sizes: List[float], dev: float, host: float) -> List[str]:
     return out
 
 
+def per_stage(stage_of: List[int], assign) -> List[str]:
+    """Tiers of every layer, each stage's layers split on their own: assign(layer indices) -> tiers."""
+    out: List[str] = [""] * len(stage_of)
+    for s in sorted(set(stage_of)):
+        js = [j for j, t in enumerate(stage_of) if t == s]
+        for j, tier in zip(js, assign(js)):
+            out[j] = tier
+    return out
+
+
 @register("place_tensors", provides=("w_home", "kv_home", "act_home"))
 def place_tensors(graph, cfg):
     p = cfg.policy
     check_percent(p.percent)
     spec, nb = graph.graph["spec"], graph.graph["num_batches"]
-    w_home = split([layer.numel for layer in spec.layers], p.percent[0], p.percent[1])
+    stage_of = graph.graph.get("stage_of_layer") or [0] * len(spec.layers)
+    w_home = per_stage(stage_of, lambda js: split([spec.layers[j].numel for j in js], p.percent[0], p.percent[1]))
     for j, tier in (p.weight_overrides or {}).items():
         if tier not in TIERS or not 0 <= int(j) < len(spec.layers):
             raise PassError(f"policy.weight_overrides {{{j}: {tier}}}: layer must be 0..{len(spec.layers) - 1} "
                             f"and tier one of {TIERS}")
         w_home[int(j)] = tier
     attn = [layer.index for layer in spec.layers if layer.kind == "attn"]
-    kv = dict(zip([(j, k) for j in attn for k in range(nb)],
-                  split([1] * (len(attn) * nb), p.percent[2], p.percent[3])))
-    pairs = [(j, k) for j in range(len(spec.layers)) for k in range(nb)]
-    act = dict(zip(pairs, split([1] * len(pairs), p.percent[4], p.percent[5])))
+    kv, act = {}, {}
+    for s in sorted(set(stage_of)):
+        pairs = [(j, k) for j in attn if stage_of[j] == s for k in range(nb)]
+        kv.update(zip(pairs, split([1] * len(pairs), p.percent[2], p.percent[3])))
+        pairs = [(j, k) for j in range(len(spec.layers)) if stage_of[j] == s for k in range(nb)]
+        act.update(zip(pairs, split([1] * len(pairs), p.percent[4], p.percent[5])))
+    last = len(spec.layers) - 1
     for n in squares(graph):
         i, j, k = n
         a = graph.nodes[n]
         a["w_home"] = w_home[j]
-        # token ids out of the head are a few bytes: they stay with the compute
-        a["act_home"] = "device" if a["kind"] == "head" else act[(j, k)]
+        # token ids out of the head are a few bytes: they stay with the compute; so does an
+        # activation the next stage receives (sent from the device)
+        sent = j < last and stage_of[j] != stage_of[j + 1]
+        a["act_home"] = "device" if a["kind"] == "head" or sent else act[(j, k)]
         if a["kind"] == "attn":
             a["kv_home"] = kv[(j, k)]
     return graph

@@ -2,10 +2,14 @@
 
 requires: slot (I/O inserted)    provides: graph.graph["peak_bytes"], ["peak_breakdown"], ["budgets"]
 An infeasible plan is refused here, before anything runs, naming the keys to change.
+With pipeline stages each stage's ops are replayed against its own budgets (stage_peak_bytes);
+peak_bytes / budgets then hold, per tier, the stage closest to its budget. A send frees the
+activation on its stage's device; a receive allocates it on the receiver's.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import List
 
 from graphgen.config import TIERS, format_bytes, tier_budgets
 
@@ -36,25 +40,31 @@ class _Ledger:
                 self.at_peak[tier]["workspace"] = transient
 
 
-def static_homes(graph, ledger):
+def static_homes(graph, ledgers):
     """Weights at their homes for the whole run; each KV cache allocated whole at its home."""
     for n, a in graph.nodes(data=True):
         if "kind" not in a or n[0] != 0:
             continue
+        ledger = ledgers[a.get("stage", 0)]
         if n[2] == 0:
             ledger.add(a["w_home"], "weights", a["w_bytes"])
         if a["kind"] == "attn":
             ledger.add(a["kv_home"], "cache", a["kv_bytes"])
 
 
-def replay(graph) -> _Ledger:
-    ledger = _Ledger()
-    static_homes(graph, ledger)
+def replay(graph) -> List[_Ledger]:
+    """Replay the schedule on sizes alone: one ledger per pipeline stage (one without stages)."""
+    ledgers = [_Ledger() for _ in range(graph.graph.get("num_stages", 1))]
+    static_homes(graph, ledgers)
     A = dict(graph.nodes(data=True))
     for m in graph.graph["ops"]:
         b = A[m]
+        ledger = ledgers[b.get("stage", 0)]
         op = b.get("op", "compute")
-        if op == "compute":
+        if op in ("send", "recv"):  # token ids are kept with the block state, not in a tier
+            if b["tensor"][0] == "act":
+                ledger.add("device", "activations", b["bytes"] if op == "recv" else -b["bytes"])
+        elif op == "compute":
             where = "host" if b.get("attn_device") == "host" else "device"
             if b["kind"] == "attn":
                 ledger.add(where, "cache", b["kv_write"])  # the new slice, until stored
@@ -71,18 +81,44 @@ def replay(graph) -> _Ledger:
             ledger.add(b["src"], _category(b["tensor"]), -b["bytes"])
             if b["tensor"][0] == "act":
                 ledger.add(b["dst"], "activations", b["bytes"])
-    return ledger
+    return ledgers
 
 
 @register("plan_memory", requires=("slot",))
 def plan_memory(graph, cfg):
-    ledger = replay(graph)
+    if graph.graph.get("num_stages", 1) > 1:
+        return plan_stages(graph, cfg)
+    ledger = replay(graph)[0]
     budgets = tier_budgets(cfg.hardware)
     graph.graph.update(peak_bytes=dict(ledger.peak), peak_breakdown=ledger.at_peak, budgets=budgets)
     for tier in TIERS:
         if ledger.peak[tier] > budgets[tier]:
             raise PassError(over_budget(tier, ledger, budgets[tier], cfg))
     return graph
+
+
+def plan_stages(graph, cfg):
+    """Each stage against its own budgets; the first stage over budget is refused, named."""
+    peaks, worst, breakdown = [], {}, {}
+    for s, (budgets, ledger) in enumerate(zip(graph.graph["stage_budgets"], replay(graph))):
+        peaks.append(dict(ledger.peak))
+        for tier in TIERS:
+            if ledger.peak[tier] > budgets[tier]:
+                raise PassError(f"pipeline stage {s} (rank {s}, layers {stage_range(graph, s)}): "
+                                + over_budget(tier, ledger, budgets[tier], cfg)
+                                + " (that rank's hardware.*, or parallel.stage_budgets / parallel.stage_layers)")
+            if tier not in worst or ledger.peak[tier] * worst[tier][1] > worst[tier][0] * max(budgets[tier], 1):
+                worst[tier] = (ledger.peak[tier], max(budgets[tier], 1), s)
+                breakdown[tier] = ledger.at_peak[tier]
+    graph.graph.update(stage_peak_bytes=peaks, peak_bytes={t: worst[t][0] for t in TIERS},
+                       budgets={t: graph.graph["stage_budgets"][worst[t][2]][t] for t in TIERS},
+                       peak_breakdown=breakdown)
+    return graph
+
+
+def stage_range(graph, s: int) -> str:
+    js = [j for j, t in enumerate(graph.graph["stage_of_layer"]) if t == s]
+    return f"{js[0]}..{js[-1]}"
 
 
 def gb(n: float) -> str:

@@ -46,9 +46,23 @@ def format_report(st: Dict) -> str:
         lines.append(f"cost model    predicted {st['predicted_tok_s']:.2f} tok/s, bound {st['bound_tok_s']:.2f} tok/s "
                      f"({st.get('bottleneck', '?')}); measured reaches {st['total_tok_s'] / st['bound_tok_s']:.0%}"
                      " of the bound")
+    lines += pipeline_lines(st)
     for n, f in enumerate(st.get("files", [])):
         lines.append(("files         " if n == 0 else " " * 14) + f)
     return "\n".join(lines)
+
+
+def pipeline_lines(st: Dict) -> list:
+    """Under torchrun (graphgen/distributed.py): each stage's time, the bubbles, bytes per link."""
+    if not st.get("stages"):
+        return []
+    out = [f"pipeline      {len(st['stages'])} stages; bubble fraction {st['bubble_fraction']:.0%} "
+           f"(compute idle over stages x the slowest stage's wall time)"]
+    for d in st["stages"]:
+        busy = "  ".join(f"{k} {v:.2f} s" for k, v in sorted(d["busy_s"].items()))
+        out.append(f"  stage {d['rank']}     {d['layers']} layers, wall {d['wall_s']:.2f} s; busy {busy}")
+    out += [f"  link        {k} {gb(v)} sent" for k, v in sorted(st.get("link_bytes", {}).items())]
+    return out
 
 
 def measured_lines(st: Dict) -> list:

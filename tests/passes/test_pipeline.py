@@ -18,5 +18,6 @@ def test_unknown_pass_lists_known():
 
 def test_the_default_pipeline_provides_a_flat_schedule():
     g, cfg = compiled(config())
-    assert cfg.pipeline == ["order", "place_tensors", "compress", "delegate_cpu_attention", "insert_io", "plan_memory"]
+    assert cfg.pipeline == ["partition_stages", "order", "place_tensors", "compress", "delegate_cpu_attention",
+                            "insert_io", "insert_comm", "plan_memory"]
     assert len([n for n in g.graph["ops"] if "kind" in g.nodes[n]]) == 3 * 4 * 4

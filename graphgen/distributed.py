@@ -1,0 +1,151 @@
+"""Pipeline parallelism under torchrun: join the process group, check that every rank runs the same
+job, gather each rank's budgets, and gather each stage's figures into rank 0's report.
+
+    torchrun --nproc-per-node 2 -m graphgen model=opt-1.3b          # 2 stages on one machine
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 1 --rdzv-backend c10d \\
+             --rdzv-endpoint HOST:29500 -m graphgen model=opt-30b   # across machines
+
+Stage r runs on rank r (executors/pipeline.py); the split is passes/partition_stages.py's.
+Without torchrun (no WORLD_SIZE) nothing here does anything. See docs/distributed.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .compile import checkpoint_of
+from .config import Config
+
+# keys each rank may set for itself: its machine's budgets and paths, and what only rank 0 does
+PER_RANK = ("hardware", "model.path", "viz", "report", "job.progress", "parallel.stage_budgets")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_reporter() -> bool:
+    """Rank 0 prints the report (and writes files); the only process without torchrun."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup(cfg: Config) -> Config:
+    """Under torchrun: join the process group (gloo on CPU, NCCL on CUDA), refuse ranks whose
+    configs or checkpoints differ, and put every rank's budgets in parallel.stage_budgets."""
+    world = world_size()
+    if world == 1 or dist.is_initialized():
+        return cfg
+    if cfg.parallel.stages and cfg.parallel.stages != world:
+        raise ValueError(f"parallel.stages={cfg.parallel.stages} but torchrun started {world} processes: set "
+                         f"torchrun --nproc-per-node (x --nnodes) to {cfg.parallel.stages}, or drop parallel.stages "
+                         f"(it defaults to the world size)")
+    if cfg.job.name != "generate":
+        raise ValueError(f"job={cfg.job.name} under torchrun is not supported: torchrun runs job=generate; "
+                         f"predict or draw a pipeline without torchrun, with parallel.stages={world}")
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.hardware.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        cfg = replace(cfg, hardware=replace(cfg.hardware, device=f"cuda:{local}"))
+    timeout = timedelta(seconds=float(cfg.parallel.timeout_s))
+    try:
+        dist.init_process_group("nccl" if cfg.hardware.device.startswith("cuda") else "gloo", timeout=timeout)
+    except RuntimeError as e:
+        raise ConnectionError(f"rank {rank}: not all {world} ranks joined within parallel.timeout_s="
+                              f"{timeout.total_seconds():g} s (a rank failed to start, or MASTER_ADDR / "
+                              f"--rdzv-endpoint is unreachable): {e}") from None
+    mine = {"config": shared_config(cfg), "checkpoint": checkpoint_digest(cfg),
+            "budgets": {f"{t}_mem": getattr(cfg.hardware, f"{t}_mem") for t in ("device", "host", "disk")}}
+    everyone: List[Optional[Dict]] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    check_agree(everyone)
+    budgets = cfg.parallel.stage_budgets or [r["budgets"] for r in everyone]
+    return replace(cfg, parallel=replace(cfg.parallel, stages=world, stage_budgets=budgets))
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shared_config(cfg: Config) -> Dict[str, str]:
+    """The config as flat key -> value, without the keys each rank may set for itself."""
+    flat: Dict[str, str] = {}
+
+    def walk(prefix, v):
+        if prefix in PER_RANK:
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        else:
+            flat[prefix] = json.dumps(v, sort_keys=True, default=str)
+
+    walk("", asdict(cfg))
+    return flat
+
+
+def checkpoint_digest(cfg: Config) -> str:
+    """What identifies the weights: config.json and the weight files' names and sizes (or the seed of
+    dummy weights)."""
+    ckpt = checkpoint_of(cfg)
+    if ckpt is None:
+        return f"dummy weights, seed {cfg.seed}"
+    h = hashlib.sha256()
+    for f in sorted(Path(ckpt).iterdir()):
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".gguf"):
+            h.update(f"{f.name}:{f.stat().st_size};".encode())
+    return h.hexdigest()[:16]
+
+
+def check_agree(everyone: List[Dict]) -> None:
+    """Every rank must run the same job on the same checkpoint; the error names rank and keys."""
+    ref = everyone[0]
+    for r, d in enumerate(everyone[1:], 1):
+        keys = sorted(k for k in set(ref["config"]) | set(d["config"]) if ref["config"].get(k) != d["config"].get(k))
+        if keys:
+            diff = "; ".join(f"{k}: rank 0 {ref['config'].get(k)} vs rank {r} {d['config'].get(k)}" for k in keys[:5])
+            raise ValueError(f"ranks run different configs ({diff}): give every rank the same overrides "
+                             f"(only hardware.*, model.path, viz.*, report.* may differ)")
+        if d["checkpoint"] != ref["checkpoint"]:
+            raise ValueError(f"rank {r}'s checkpoint differs from rank 0's (config.json or weight file sizes; "
+                             f"{d['checkpoint']} vs {ref['checkpoint']}): copy the same checkpoint to every "
+                             f"machine (model.path)")
+
+
+def gather_report(st: Dict, executor) -> Dict:
+    """Rank 0: every stage's wall and busy time, bytes sent per link, the bubble fraction; the
+    throughput over the slowest stage's time (the pipeline's)."""
+    if not dist.is_initialized():
+        return st
+    tot = executor.stage_totals
+    mine = dict(tot, busy_s=dict(tot["busy_s"]), sent_bytes=dict(tot["sent_bytes"]), prefill_s=st["prefill_s"], decode_s=st["decode_s"])
+    everyone: List[Optional[Dict]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() != 0:
+        return st
+    slow = max(everyone, key=lambda d: d["prefill_s"] + d["decode_s"])
+    n, S, gen = st["num_prompts"], st["prompt_len"], st["gen_len"]
+    st = dict(st, prefill_s=slow["prefill_s"], decode_s=slow["decode_s"])
+    st.update(prefill_tok_s=n * S / st["prefill_s"] if st["prefill_s"] else 0.0,
+              decode_tok_s=n * (gen - 1) / st["decode_s"] if st["decode_s"] and gen > 1 else 0.0,
+              total_tok_s=n * gen / (st["prefill_s"] + st["decode_s"]) if st["prefill_s"] + st["decode_s"] else 0.0)
+    span = max(d["wall_s"] for d in everyone)
+    busy = sum(d["busy_s"].get("compute", 0.0) for d in everyone)
+    links: Dict[str, int] = {}
+    for d in everyone:
+        for k, v in d["sent_bytes"].items():
+            links[k] = links.get(k, 0) + v
+    st.update(stages=[{k: d[k] for k in ("rank", "layers", "wall_s", "busy_s", "sent_bytes")} for d in everyone],
+              bubble_fraction=1.0 - busy / (len(everyone) * span) if span else 0.0, link_bytes=links)
+    return st

@@ -1,0 +1,155 @@
+"""Pipeline parallelism with real processes (torchrun, gloo on CPU): tokens identical to the
+single-process run for OPT and Llama, both schedules, 2 and 3 stages, greedy and seeded
+sampling; a dead or stuck rank and ranks that disagree stop the run with an error naming them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphgen import LLM
+
+from ..conftest import left_padded_batch, make_opt
+from ..models.test_model_families import _llama, make_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+MIXED = "[30,30,40,30,20,50]"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    e.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return e
+
+
+def torchrun(n: int, args, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port())] + [str(a) for a in args]
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    opt = tmp_path_factory.mktemp("dist-opt")
+    make_opt(opt)
+    llama = tmp_path_factory.mktemp("dist-llama")
+    make_checkpoint(_llama(num_key_value_heads=2), llama)
+    return {"opt": str(opt), "llama": str(llama)}
+
+
+def cases(ckpts, stages: int, offload: str):
+    ids, mask = left_padded_batch(5)
+    out = []
+    for family, path in ckpts.items():
+        for schedule, executor in (("zigzag", "async"), ("row", "reference")):
+            for sample in (False, True):
+                percent = MIXED if (stages == 3) == sample else "[100,0,100,0,100,0]"
+                ov = [f"schedule={schedule}", f"executor.name={executor}", "model.dtype=float32",
+                      f"policy.percent={percent}", "policy.gpu_batch_size=2", "policy.num_gpu_batches=3",
+                      f"hardware.offload_dir={offload}", "report.progress=false"]
+                out.append(dict(name=f"{family}-{schedule}-{'sample' if sample else 'greedy'}", ckpt=path,
+                                overrides=ov, ids=ids.tolist(), mask=mask.tolist(), gen=5, sample=sample,
+                                seed=123 if sample else None))
+    return out
+
+
+def single_process(c) -> torch.Tensor:
+    with LLM(c["ckpt"], c["overrides"] + ["parallel.stages=1"]) as llm:
+        return llm.generate(torch.tensor(c["ids"]), attention_mask=torch.tensor(c["mask"]), max_new_tokens=c["gen"],
+                            do_sample=c["sample"], seed=c["seed"])
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_tokens_identical_to_one_process(ckpts, tmp_path, stages):
+    cs = cases(ckpts, stages, str(tmp_path / "offload"))
+    (tmp_path / "cases.json").write_text(json.dumps(cs))
+    r = torchrun(stages, [WORKER, tmp_path / "cases.json", tmp_path / "out.pt"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    for c in cs:
+        assert len(got[c["name"] + "/stage_layers"]) == stages
+        assert torch.equal(got[c["name"]], single_process(c)), c["name"]
+    assert not list((tmp_path / "offload").glob("*")), "offload files left behind"
+
+
+def test_cli_report_on_rank_zero(ckpts, tmp_path):
+    r = torchrun(2, ["-m", "graphgen", f"model.path={ckpts['opt']}", "model.dtype=float32", "workload.prompt_len=6",
+                     "workload.gen_len=4", "policy.gpu_batch_size=2", "policy.num_gpu_batches=2",
+                     "report.progress=false", f"hardware.offload_dir={tmp_path}", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("throughput") == 1  # one report, from rank 0
+    assert "pipeline      2 stages" in r.stdout and "stage0->stage1" in r.stdout and "stage1->stage0" in r.stdout
+
+
+def launch(rank_args, timeout_s: float, tmp_path):
+    """The ranks as torchrun starts them (RANK / WORLD_SIZE / MASTER_* in the environment), each
+    with its own arguments."""
+    port, procs = free_port(), []
+    for rank, args in enumerate(rank_args):
+        e = dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(rank_args)),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "graphgen", f"parallel.timeout_s={timeout_s}",
+                                       f"hydra.run.dir={tmp_path}/run{rank}"] + args, cwd=ROOT, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def tiny_args(ckpts, offload):
+    return [f"model.path={ckpts['opt']}", "model.dtype=float32", "workload.prompt_len=8", "policy.gpu_batch_size=2",
+            "policy.num_gpu_batches=3", "report.progress=false", f"hardware.offload_dir={offload}"]
+
+
+def test_ranks_with_different_configs_are_refused(ckpts, tmp_path):
+    base = tiny_args(ckpts, tmp_path) + ["workload.gen_len=4"]
+    procs = launch([base, base + ["policy.gpu_batch_size=1"]], 60, tmp_path)
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-2000:]
+        assert "policy.gpu_batch_size: rank 0 2 vs rank 1 1" in err
+
+
+def test_dead_rank_stops_the_others(ckpts, tmp_path):
+    """Rank 1 fails to start its executor (its offload dir cannot be made): rank 0 stops, naming it."""
+    base = tiny_args(ckpts, tmp_path) + ["workload.gen_len=4"]
+    dead = base + ["hardware.offload_dir=/dev/null/offload"]
+    t0 = time.monotonic()
+    procs = launch([base, dead], 15, tmp_path)
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert procs[1].returncode == 2 and "hardware.offload_dir" in outs[1][1]
+    assert procs[0].returncode != 0 and "rank 1" in outs[0][1], outs[0][1][-2000:]
+    assert time.monotonic() - t0 < 90
+
+
+def test_stuck_rank_stops_the_others(ckpts, tmp_path):
+    """Rank 1 stops answering mid-run (SIGSTOP): rank 0 exits within parallel.timeout_s, naming it."""
+    off = [tmp_path / "r0", tmp_path / "r1"]
+    procs = launch([tiny_args(ckpts, o) + ["workload.gen_len=50"] for o in off], 10, tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (off[1].exists() and any(off[1].iterdir())):  # its executor exists: it is running
+            assert time.monotonic() < deadline and procs[1].poll() is None, procs[1].communicate()[1][-2000:]
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode == 2 and "rank 1" in err and "parallel.timeout_s" in err, err[-2000:]
+        assert time.monotonic() - t0 < 60
+    finally:
+        procs[1].send_signal(signal.SIGCONT)
+        procs[1].kill()
+        procs[1].communicate()
