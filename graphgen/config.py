@@ -117,7 +117,7 @@ class ParallelConfig:
     stage_layers: List[int] = field(default_factory=list)  # layers per stage (embedding and head count); [] = balanced
     # per stage {device_mem, host_mem, disk_mem}; [] = hardware.* for every stage (under torchrun each
     # rank's own hardware.* is gathered here at start-up)
-    stage_budgets: List[Dict[str, str]] = field(default_factory=list)
+    stage_budgets: List[Dict[str, Any]] = field(default_factory=list)
     timeout_s: float = 300.0  # a rank that answers nothing for this long is reported dead and the run stops
 
 

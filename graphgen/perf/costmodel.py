@@ -17,6 +17,9 @@ slots back, a store for the loads issued up to its slot. A calibrated profile's
 compute_io_contention stretches a compute op by that many seconds per second of disk I/O the
 simulation has running beside it (I/O threads taking cores from compute on a small machine).
 With executor=reference every op runs alone, one after the other. Wall time is split into prefill and decode as the executors split it.
+Pipeline stages (passes/partition_stages.py): each stage has its own streams; a send takes
+bytes / net_bw + net_latency_s on its stage's comm stream, and its receive ends no earlier than
+the send; prefill ends when the last prefill square does, decode takes the rest.
 """
 from __future__ import annotations
 
@@ -26,9 +29,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Tuple
 
 from ..costs import kv_slice_bytes
-from ..streams import plan_streams
+from ..streams import STREAM_OF, STREAMS, plan_streams
 
-STREAMS = ("load", "compute", "store")
 _RANK = {"device": 0, "host": 1, "disk": 2}
 
 
@@ -43,6 +45,14 @@ class Prediction:
     link_bytes: Dict[str, int] = field(default_factory=dict)
     compute_parts: Dict[str, float] = field(default_factory=dict)  # matmul / attention / overhead seconds
     overlap: bool = True  # async streams (False: the reference executor, one op at a time)
+    stages: List[Dict[str, float]] = field(default_factory=list)  # pipeline: busy seconds per stream, per stage
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Pipeline: the share of stages x run time that stages' compute streams sit idle."""
+        if not self.stages or not self.total_s:
+            return 0.0
+        return 1.0 - sum(b.get("compute", 0.0) for b in self.stages) / (len(self.stages) * self.total_s)
 
     @property
     def total_s(self) -> float:
@@ -54,8 +64,8 @@ class Prediction:
 
     @property
     def bound_tok_s(self) -> float:
-        """Throughput if the busiest stream never waited: the I/O-or-compute bound."""
-        busiest = max(self.busy_s.values())
+        """Throughput if the busiest stream (of the busiest stage) never waited: the I/O-or-compute bound."""
+        busiest = max(max(b.values()) for b in self.stages) if self.stages else max(self.busy_s.values())
         return self.tokens / busiest if busiest else 0.0
 
     @property
@@ -71,6 +81,8 @@ class Prediction:
 
 def _stream_of_link(link: str) -> str:
     src, dst = link.split("->")
+    if src.startswith("stage"):
+        return "comm"
     return "store" if _RANK[dst] > _RANK[src] else "load"
 
 
@@ -177,6 +189,14 @@ class CostModel:
                            self.rate("d2h_cache_bw", "d2h_bw") if cache else self.rate("d2h_bw"))
         return t
 
+    def net_s(self, nbytes: int) -> float:
+        """A message between pipeline stages: the interconnect's latency + bytes / bandwidth."""
+        if not self.p.get("net_bw"):
+            raise ValueError("a pipeline (parallel.stages > 1) needs hardware.profile.net_bw, the bytes/s between "
+                             "stages (and optionally net_latency_s): set them for your interconnect, e.g. "
+                             "+hardware.profile.net_bw=1.25e9 for 10 Gbit/s (docs/distributed.md)")
+        return nbytes / float(self.p["net_bw"]) + self.opt("net_latency_s")
+
     def io_s(self, b: dict) -> float:
         """A load or store op: its link (compressed weights move compressed; the square that uses
         them first dequantises them, see compute_parts)."""
@@ -224,6 +244,12 @@ class _Costs:
                 for part, t in memo[key].items():
                     self.parts[part] += t
                 self.stream[m], self.dur[m] = "compute", sum(memo[key].values())
+            elif op in STREAM_OF:  # a send occupies its stage's comm stream; its receive waits for it
+                link = f"{b['src']}->{b['dst']}"
+                self.stream[m], self.dur[m] = STREAM_OF[op], model.net_s(b["bytes"]) if op == "send" else 0.0
+                if op == "send":
+                    self.link_t[link] += self.dur[m]
+                    self.link_b[link] += b["bytes"]
             else:
                 link = f"{b['src']}->{b['dst']}"
                 self.stream[m], self.dur[m] = op, model.io_s(b)
@@ -237,6 +263,14 @@ class _Costs:
         for m, t in self.dur.items():
             out[self.stream[m]] += t
         out["compute"] += sum(self.slowed.values())
+        if "comm" not in self.stream.values():
+            del out["comm"]
+        return out
+
+    def stage_busy(self, A, n_stages: int) -> List[Dict[str, float]]:
+        out = [dict.fromkeys(STREAMS, 0.0) for _ in range(n_stages)]
+        for m, t in self.dur.items():
+            out[A[m].get("stage", 0)][self.stream[m]] += t + self.slowed.get(m, 0.0)
         return out
 
 
@@ -245,22 +279,30 @@ def overlapped_ends(graph, ops: List, c: _Costs, contention: float = 0.0) -> Dic
     `contention`, a compute op takes that many seconds longer per second of disk I/O already
     placed beside it (c.slowed records the extra seconds)."""
 
-    waits = plan_streams(graph, ops).waits
-    ends: Dict[str, List[float]] = {s: [] for s in STREAMS}
-    disk: Dict[str, List[Tuple[float, float]]] = {"load": [], "store": []}  # per stream: in time order
-    first = {"load": 0, "store": 0}  # per stream: the first interval that may still overlap
+    A = graph.nodes
+    by_stage: Dict[int, List] = defaultdict(list)  # pipeline stages: each its own streams
+    for m in ops:
+        by_stage[A[m].get("stage", 0)].append(m)
+    waits = {}
+    for stage_ops in by_stage.values():
+        waits.update(plan_streams(graph, stage_ops).waits)
+    ends: Dict[Tuple[int, str], List[float]] = defaultdict(list)
+    disk: Dict[Tuple[int, str], List[Tuple[float, float]]] = defaultdict(list)  # per stream: in time order
+    first: Dict[Tuple[int, str], int] = defaultdict(int)  # per stream: the first interval that may still overlap
     end = {}
     for m in ops:
-        stream = c.stream[m]
-        mine = ends[stream]
+        st, stream = A[m].get("stage", 0), c.stream[m]
+        mine = ends[(st, stream)]
         start = mine[-1] if mine else 0.0
         for s, need in zip(STREAMS, waits[m]):
             if need:
-                start = max(start, ends[s][need - 1])
+                start = max(start, ends[(st, s)][need - 1])
+        if stream == "comm" and m[0] == "recv":  # the message arrives when its send has gone
+            start = max(start, end[("send",) + m[1:]])
         dur = c.dur[m]
         if stream == "compute" and contention and dur:
             beside = 0.0
-            for s, iv in disk.items():
+            for s, iv in ((k, v) for k, v in disk.items() if k[0] == st):
                 while first[s] < len(iv) and iv[first[s]][1] <= start:
                     first[s] += 1
                 for a, b in iv[first[s]:]:
@@ -271,7 +313,7 @@ def overlapped_ends(graph, ops: List, c: _Costs, contention: float = 0.0) -> Dic
                 c.slowed[m] = contention * beside
                 dur += c.slowed[m]
         elif contention and m in c.disk:
-            disk[stream].append((start, start + dur))
+            disk[(st, stream)].append((start, start + dur))
         mine.append(start + dur)
         end[m] = mine[-1]
     return end
@@ -283,7 +325,13 @@ def simulate(graph, model: CostModel, overlap: bool = True) -> Prediction:
     ops = graph.graph["ops"]
     c = _Costs(graph, A, model)
     spent = {"prefill": 0.0, "decode": 0.0}
-    if overlap:  # as the async executor: wall time up to each compute end goes to its step kind
+    n_stages = graph.graph.get("num_stages", 1)
+    if overlap and n_stages > 1:  # stages run side by side: prefill until its last square, decode after
+        end = overlapped_ends(graph, ops, c, model.opt("compute_io_contention"))
+        spent["prefill"] = max((t for m, t in end.items() if A[A[m].get("square", m)]["step_kind"] == "prefill"),
+                               default=0.0)
+        spent["decode"] = max(end.values(), default=0.0) - spent["prefill"]
+    elif overlap:  # as the async executor: wall time up to each compute end goes to its step kind
         end, prev, kind = overlapped_ends(graph, ops, c, model.opt("compute_io_contention")), 0.0, "prefill"
         if c.slowed:
             c.parts["disk I/O beside"] = sum(c.slowed.values())
@@ -299,4 +347,4 @@ def simulate(graph, model: CostModel, overlap: bool = True) -> Prediction:
     sh, nb = graph.graph["shape"], graph.graph["num_batches"]
     return Prediction(spent["prefill"], spent["decode"], sh.batch * nb * sh.gen_len,
                       sh.batch * nb * sh.prompt_len, c.busy(), dict(c.link_t), dict(c.link_b),
-                      dict(c.parts), overlap)
+                      dict(c.parts), overlap, c.stage_busy(A, n_stages) if n_stages > 1 else [])

@@ -37,7 +37,18 @@ def format_prediction(cfg: Config, pr: Prediction, name: str = "") -> str:
     if pr.link_s:
         lines.append("links       " + "   ".join(f"{k} {gb(pr.link_bytes[k])} in {v:.2f} s"
                                                 for k, v in sorted(pr.link_s.items()) if pr.link_bytes[k]))
+    lines += stage_lines(pr)
     return "\n".join(lines)
+
+
+def stage_lines(pr: Prediction) -> list:
+    """Pipeline stages (parallel.stages): busy time per stage and stream, and the bubbles."""
+    if not pr.stages:
+        return []
+    out = [f"pipeline    {len(pr.stages)} stages; bubble fraction {pr.bubble_fraction:.0%} "
+           f"(compute idle over stages x the block's time)"]
+    out += [f"  stage {s}   " + "   ".join(f"{k} {v:.2f} s" for k, v in b.items() if v) for s, b in enumerate(pr.stages)]
+    return out
 
 
 def run_simulation(cfg: Config) -> Prediction:

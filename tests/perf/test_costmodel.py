@@ -135,3 +135,47 @@ def test_disk_overlap_sums_the_disk_io_beside_each_compute_op():
           Event("store", "s0", 2.5, 4.0, 1, {}, "device->disk"), Event("load", "l1", 2.0, 2.2, 1, {}, "host->device"),
           Event("compute", "c1", 5.0, 6.0, 0, {})]
     assert disk_overlap(ev) == {1: pytest.approx(1.0 + 0.5), 4: 0.0}
+
+
+def tiny_pipeline(stages, net_bw=1e10, batches=4):
+    cfg = compose(["model.dtype=float32", "hardware.device=cuda", f"parallel.stages={stages}",
+                   "policy.percent=[100,0,100,0,100,0]"])
+    slow = {k: v / 1e3 for k, v in PROFILE.items() if "flops" in k or "attn_bw" in k}  # compute-bound
+    cfg.hardware.profile = dict(PROFILE, **slow, net_bw=net_bw, net_latency_s=1e-6)
+    g = build_graph(build_spec(hf_config_from_arch(TINY)), batch=4, num_batches=batches, prompt_len=16,
+                    gen_len=4, dtype="float32")
+    return run_pipeline(g, cfg), cfg
+
+
+def test_pipeline_stages_run_side_by_side():
+    """Compute-bound, 4 micro-batches: 2 stages take less than one, each stage busy about half the work;
+    the links carry what the sends carry; the bubbles are what the stages do not fill."""
+    g1, cfg = tiny_pipeline(1)
+    one = simulate(g1, CostModel(cfg.hardware.profile, "float32", "cuda"))
+    g2, cfg = tiny_pipeline(2)
+    two = simulate(g2, CostModel(cfg.hardware.profile, "float32", "cuda"))
+    assert len(two.stages) == 2 and not one.stages
+    assert two.total_s < 0.8 * one.total_s
+    assert sum(s["compute"] for s in two.stages) == pytest.approx(one.busy_s["compute"], rel=1e-6)
+    sent = {}
+    for m in g2.graph["ops"]:
+        b = g2.nodes[m]
+        if b.get("op") == "send":
+            sent[f"{b['src']}->{b['dst']}"] = sent.get(f"{b['src']}->{b['dst']}", 0) + b["bytes"]
+    assert two.link_bytes == {**{k: v for k, v in two.link_bytes.items() if not k.startswith("stage")}, **sent}
+    assert 0.0 < two.bubble_fraction < 1.0
+
+
+def test_pipeline_pays_for_a_slow_link():
+    """Every receive waits for its send: a link 10^4 times slower shows up in the prediction."""
+    g, cfg = tiny_pipeline(2, net_bw=1e10)
+    fast = simulate(g, CostModel(cfg.hardware.profile, "float32", "cuda"))
+    slow = simulate(g, CostModel(dict(cfg.hardware.profile, net_bw=1e6), "float32", "cuda"))
+    assert slow.total_s > fast.total_s + 0.5 * max(slow.link_s.values())
+
+
+def test_pipeline_without_a_network_figure_says_which_key():
+    g, cfg = tiny_pipeline(2)
+    prof = {k: v for k, v in cfg.hardware.profile.items() if not k.startswith("net_")}
+    with pytest.raises(ValueError, match="hardware.profile.net_bw"):
+        simulate(g, CostModel(prof, "float32", "cuda"))
