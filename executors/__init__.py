@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Dict, Type
 
+from graphgen.config import num_stages
+
 from .base import BlockInputs, Executor  # noqa: F401
 from .async_streams import AsyncExecutor
 from .reference import ReferenceExecutor
 from .pipeline import STAGE_EXECUTORS, check_launched
-from graphgen.config import num_stages
 
 EXECUTORS: Dict[str, Type[Executor]] = {"reference": ReferenceExecutor, "async": AsyncExecutor}
 

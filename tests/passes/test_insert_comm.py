@@ -13,13 +13,13 @@ def comm(g):
 
 
 def test_one_stage_has_no_communication():
-    g, _ = staged(["parallel.stages=1"], names=None)
+    g, _ = staged(1, names=None)
     assert comm(g) == []
 
 
 @pytest.mark.parametrize("schedule", ["zigzag", "row"])
 def test_every_crossing_edge_gets_a_send_and_a_recv(schedule):
-    g, _ = staged(["parallel.stages=3", "parallel.stage_layers=[3,4,3]", f"schedule={schedule}"], names=None)
+    g, _ = staged(3, names=None, stage_layers=[3, 4, 3], schedule=schedule)
     ops = g.graph["ops"]
     pos = {m: t for t, m in enumerate(ops)}
     n_tok, nb = 3, 2
@@ -36,14 +36,13 @@ def test_every_crossing_edge_gets_a_send_and_a_recv(schedule):
 
 
 def test_every_op_runs_on_one_stage():
-    g, _ = staged(["parallel.stages=2", "policy.percent=[0,100,0,100,0,100]"], names=None)
+    g, _ = staged(2, names=None, percent=[0, 100, 0, 100, 0, 100])
     assert all(g.nodes[m]["stage"] in (0, 1) for m in g.graph["ops"])
     assert g.graph["stage_peak_bytes"][0]["host"] > 0 and g.graph["stage_peak_bytes"][1]["host"] > 0
 
 
 def test_sent_activation_stays_on_the_device():
-    g, _ = staged(["parallel.stages=2", "parallel.stage_layers=[5,5]", "policy.percent=[100,0,100,0,0,100]"],
-                  names=None)
+    g, _ = staged(2, names=None, stage_layers=[5, 5], percent=[100, 0, 100, 0, 0, 100])
     assert g.nodes[(0, 4, 0)]["act_home"] == "device" and g.nodes[(0, 3, 0)]["act_home"] == "host"
     assert ("recv", "act", 0, 4, 0) in g.graph["ops"] and ("load", "act", 0, 4, 0) not in g.graph["ops"]
 
@@ -51,6 +50,6 @@ def test_sent_activation_stays_on_the_device():
 def test_pipelined_zigzag_orders_micro_batches_within_a_step():
     """2 stages, 4 GPU batches = 2 micro-batches of 2: step 0 runs micro-batch 0 through every layer
     (layer by layer, its 2 GPU batches together), then micro-batch 1."""
-    g, _ = staged(["parallel.stages=2"], names=["partition_stages", "order"], batches=4)
+    g, _ = staged(2, names=["partition_stages", "order"], batches=4)
     seq = sorted((n for n in g.nodes if n[0] == 0), key=lambda n: g.nodes[n]["order"])
     assert [n[2] for n in seq[:4]] == [0, 1, 0, 1] and {n[2] for n in seq[:20]} == {0, 1}

@@ -2,32 +2,38 @@
 (not layer count) within each stage's budgets; pinned splits; bad input refused with the key."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from graphgen.build import build_graph
-from graphgen.config import compose
+from graphgen.config import ParallelConfig
 from graphgen.models import build_spec, hf_config_from_arch
 from passes import PassError, run_pipeline
 from passes.partition_stages import balanced
+
+from .graphs import config
 
 # 4 decoder layers: embed, 4 x (attn, mlp), head = 10 layers; the head (vocab 512) outweighs a layer
 ARCH = {"model_type": "opt", "vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 4, "ffn_dim": 64,
         "num_attention_heads": 4, "max_position_embeddings": 64, "word_embed_proj_dim": 32}
 
 
-def staged(overrides, names=("partition_stages",), batches=2):
-    cfg = compose(list(overrides))
+def staged(stages, names=("partition_stages",), batches=2, stage_layers=(), stage_budgets=(), **knobs):
+    """(graph after `names` (None: the whole pipeline), cfg) for ARCH in `stages` stages."""
+    cfg = replace(config(**knobs), parallel=ParallelConfig(stages=stages, stage_layers=list(stage_layers),
+                                                           stage_budgets=list(stage_budgets)))
     g = build_graph(build_spec(hf_config_from_arch(ARCH)), batch=2, num_batches=batches, prompt_len=4, gen_len=3)
     return run_pipeline(g, cfg, None if names is None else list(names)), cfg
 
 
 def test_one_stage_changes_nothing():
-    g, _ = staged(["parallel.stages=1"])
+    g, _ = staged(1)
     assert g.graph["stage_layers"] == [10] and "stage" not in g.nodes[(0, 0, 0)]
 
 
 def test_stages_are_contiguous_with_embedding_first_and_head_last():
-    g, _ = staged(["parallel.stages=3"])
+    g, _ = staged(3)
     of = g.graph["stage_of_layer"]
     assert of == sorted(of) and of[0] == 0 and of[-1] == 2 and set(of) == {0, 1, 2}
     assert all(g.nodes[n]["stage"] == of[n[1]] for n in g.nodes)
@@ -35,7 +41,7 @@ def test_stages_are_contiguous_with_embedding_first_and_head_last():
 
 def test_balanced_by_time_not_layer_count():
     """The head's matmul costs more than several decoder layers: the last stage gets fewer layers."""
-    g, _ = staged(["parallel.stages=2"])
+    g, _ = staged(2)
     first, last = g.graph["stage_layers"]
     assert first > last
 
@@ -55,23 +61,22 @@ def test_split_keeps_each_stage_within_its_budgets():
 
 
 def test_stage_layers_pins_the_split():
-    g, _ = staged(["parallel.stages=2", "parallel.stage_layers=[5,5]"])
+    g, _ = staged(2, stage_layers=[5, 5])
     assert g.graph["stage_layers"] == [5, 5]
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["parallel.stages=11"], "parallel.stages"),
-    (["parallel.stages=2", "parallel.stage_layers=[9,2]"], "parallel.stage_layers"),
-    (["parallel.stages=2", "parallel.stage_layers=[10,0]"], "parallel.stage_layers"),
+@pytest.mark.parametrize("stages,layers,key", [
+    (11, (), "parallel.stages"),
+    (2, [9, 2], "parallel.stage_layers"),
+    (2, [10, 0], "parallel.stage_layers"),
 ])
-def test_bad_splits_are_refused_with_the_key(overrides, key):
+def test_bad_splits_are_refused_with_the_key(stages, layers, key):
     with pytest.raises(PassError, match=key.replace(".", r"\.")):
-        staged(overrides)
+        staged(stages, stage_layers=layers)
 
 
 def test_a_stage_over_its_budget_is_refused_naming_it():
     """Stage 1's budget holds a tenth of what its pinned share needs."""
     with pytest.raises(PassError, match=r"pipeline stage 1 .*hardware\.device_mem") as e:
-        staged(["parallel.stages=2", "parallel.stage_layers=[5,5]",
-                "parallel.stage_budgets=[{},{device_mem: 20000}]"], names=None)
+        staged(2, names=None, stage_layers=[5, 5], stage_budgets=[{}, {"device_mem": 20000}])
     assert "parallel.stage_budgets" in str(e.value)
