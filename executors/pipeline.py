@@ -56,8 +56,8 @@ class Stage:
         t0 = time.perf_counter()
         try:
             super().run_ops(self._mine[1])
-            for work, _ in self._sends:
-                self.wait(work, "the next stage", "receive an activation or token ids")
+            for work, _, peer in self._sends:
+                self.wait(work, f"rank {peer}", "receive what this rank sent it")
         finally:
             self._sends = []
         wall = time.perf_counter() - t0
@@ -89,23 +89,29 @@ class Stage:
         else:
             value = self.tiers["device"].pop(b["buf"])
         value = value.to(self.comm_device).contiguous()
-        self._sends.append((dist.isend(value, dst=b["peer"], tag=b["tag"]), value))  # kept alive until sent
+        try:
+            work = dist.isend(value, dst=b["peer"], tag=b["tag"])
+        except RuntimeError as e:  # the connection is gone: the peer exited
+            raise PeerError(f"rank {self.rank}: cannot send to rank {b['peer']}: it died (see its log); ({e})") from None
+        self._sends.append((work, value, b["peer"]))  # the value kept alive until sent
 
     def recv(self, node, b) -> None:
         dtype = self.dtype if b["dtype"] == "model" else torch.int64
         buf = torch.empty(b["shape"], dtype=dtype, device=self.comm_device)
         i, j, k = b["tensor"][1:]
         what = f"layer {j}'s activation" if b["tensor"][0] == "act" else "the sampled token ids"
-        self.wait(dist.irecv(buf, src=b["peer"], tag=b["tag"]), f"rank {b['peer']}",
-                  f"send {what} of step {i}, GPU batch {k}")
+        who, what = f"rank {b['peer']}", f"send {what} of step {i}, GPU batch {k}"
+        self.wait(lambda: dist.irecv(buf, src=b["peer"], tag=b["tag"]), who, what)
         if b["tensor"][0] == "tok":
             self.state.tokens[b["square"][2]].append(buf.cpu())
         else:
             self.tiers["device"].put(b["buf"], buf.to(self.device))
 
     def wait(self, work, who: str, what: str) -> None:
+        """Wait for a message (work, or a function posting it), at most parallel.timeout_s; a peer that
+        died or hung is reported by rank."""
         try:
-            ok = work.wait(self.timeout)
+            ok = (work() if callable(work) else work).wait(self.timeout)
         except RuntimeError as e:
             raise PeerError(f"rank {self.rank}: {who} did not {what} within parallel.timeout_s="
                             f"{self.timeout.total_seconds():g} s: it died or hung (see its log); ({e})") from None

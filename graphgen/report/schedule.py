@@ -114,7 +114,18 @@ def schedule_title(graph: nx.DiGraph, g: Grid) -> str:
     return (f"{getattr(spec, 'name', '') or 'model'}: schedule {graph.graph.get('schedule', '?')}, "
             f"{T} tokens x {L} layers x {nb} GPU batches of {graph.graph['shape'].batch}\n"
             f"{len(g.w_loads)} weight loads ({_gb(g.load_bytes['w'])}), cache loads {_gb(g.load_bytes['kv'])}"
-            + (f"; planned peak {peak}" if peak else ""))
+            + (f"; planned peak {peak}" if peak else "") + stages_title(graph))
+
+
+def stages_title(graph: nx.DiGraph) -> str:
+    """Pipeline stages (passes/partition_stages.py): layers per stage and what crosses between them."""
+    counts = graph.graph.get("stage_layers") or []
+    if len(counts) < 2:
+        return ""
+    A = graph.nodes
+    sends = [A[m] for m in graph.graph["ops"] if A[m].get("op") == "send"]
+    return (f"\n{len(counts)} pipeline stages of {counts} layers; {len(sends)} sends "
+            f"({_gb(sum(b['bytes'] for b in sends))})")
 
 
 # --- the window drawn in detail ------------------------------------------------------------------

@@ -180,3 +180,14 @@ def test_progress_counts_every_square_and_is_quiet_off_a_terminal(opt_ckpt, tmp_
     bar = Progress(1, 10, 5)
     assert bar.bar.disable  # stderr is not a TTY: no bar
     bar.close()
+
+
+def test_schedule_picture_shows_pipeline_stages():
+    from graphgen.report.schedule import stages_title
+
+    from ..passes.test_partition_stages import staged
+
+    g, _ = staged(2, names=None, stage_layers=[5, 5])
+    sends = [m for m in g.graph["ops"] if g.nodes[m].get("op") == "send"]
+    assert f"2 pipeline stages of [5, 5] layers; {len(sends)} sends" in stages_title(g)
+    assert stages_title(staged(1, names=None)[0]) == ""
