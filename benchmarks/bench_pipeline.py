@@ -1,7 +1,7 @@
 """1 process vs a 2-stage pipeline (torchrun, gloo) on this machine, one thread each, on a model that
 does not fit one process's memory budget: measured and predicted tok/s side by side.
 
-    python benchmarks/bench_pipeline.py [--model opt-350m] [--budget 450MB] [--gen 8]
+    python benchmarks/bench_pipeline.py [--model opt-350m] [--budget 450MB] [--gen 16]
 
 One process holds what fits its hardware.device_mem budget and reads the rest of the weights from
 disk every step (policy.percent: the largest device share, in steps of 5%, that the plan fits);
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--model", default="opt-350m")
     ap.add_argument("--budget", default="450MB", help="hardware.device_mem of each process")
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--gen", type=int, default=8)
+    ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--gbs", type=int, default=4)
     ap.add_argument("--nb", type=int, default=2, help="GPU batches = micro-batches of the pipeline")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
