@@ -110,8 +110,10 @@ def launch(rank_args, timeout_s: float, tmp_path):
 
 
 def tiny_args(ckpts, offload):
+    """Half the weights on disk (read from the checkpoint in place when the dtype is the same)."""
     return [f"model.path={ckpts['opt']}", "model.dtype=float32", "workload.prompt_len=8", "policy.gpu_batch_size=2",
-            "policy.num_gpu_batches=3", "report.progress=false", f"hardware.offload_dir={offload}"]
+            "policy.num_gpu_batches=3", "policy.percent=[50,0,100,0,100,0]", "report.progress=false",
+            f"hardware.offload_dir={offload}"]
 
 
 def test_ranks_with_different_configs_are_refused(ckpts, tmp_path):
@@ -124,7 +126,7 @@ def test_ranks_with_different_configs_are_refused(ckpts, tmp_path):
 
 
 def test_dead_rank_stops_the_others(ckpts, tmp_path):
-    """Rank 1 fails to start its executor (its offload dir cannot be made): rank 0 stops, naming it."""
+    """Rank 1 fails placing its weights (its offload dir cannot be made): rank 0 stops, naming it."""
     base = tiny_args(ckpts, tmp_path) + ["workload.gen_len=4"]
     dead = base + ["hardware.offload_dir=/dev/null/offload"]
     t0 = time.monotonic()
@@ -138,10 +140,11 @@ def test_dead_rank_stops_the_others(ckpts, tmp_path):
 def test_stuck_rank_stops_the_others(ckpts, tmp_path):
     """Rank 1 stops answering mid-run (SIGSTOP): rank 0 exits within parallel.timeout_s, naming it."""
     off = [tmp_path / "r0", tmp_path / "r1"]
-    procs = launch([tiny_args(ckpts, o) + ["workload.gen_len=50"] for o in off], 10, tmp_path)
+    # bfloat16: the float32 checkpoint's weights are converted and written to the offload dir
+    procs = launch([tiny_args(ckpts, o) + ["workload.gen_len=50", "model.dtype=bfloat16"] for o in off], 10, tmp_path)
     try:
         deadline = time.monotonic() + 120
-        while not (off[1].exists() and any(off[1].iterdir())):  # its executor exists: it is running
+        while not (off[1].exists() and any(off[1].iterdir())):  # it placed weights there: it is running
             assert time.monotonic() < deadline and procs[1].poll() is None, procs[1].communicate()[1][-2000:]
             time.sleep(0.02)
         procs[1].send_signal(signal.SIGSTOP)
