@@ -47,14 +47,17 @@ def move(value: Value, device: torch.device, non_blocking: bool = False) -> Valu
 # --- weights ---------------------------------------------------------------------------------
 
 def quantize_layer(layer, source, comp: Comp, dtype: torch.dtype, device: torch.device) -> Dict[str, torch.Tensor]:
-    """A layer's weights, on the CPU, for its home tier: matrices quantised (from float32, on the
-    compute `device`, fast on a GPU), the rest dense in `dtype`."""
+    """A layer's weights, on the CPU, for its home tier: matrices as the checkpoint stores them when
+    it holds them in exactly this compression (a GGUF's Q4_1), else quantised (from float32, on
+    the compute `device`, fast on a GPU); the rest dense in `dtype`."""
     bits, gs, gd = comp
     out: Dict[str, torch.Tensor] = {}
     for w in layer.weights:
         if is_compressed(w):
-            q = quantize(source.get(w, torch.float32).to(device), bits, gs, gd).to("cpu")
-            out.update({f"{w.name}@{p}": t for p, t in parts(q).items()})
+            stored = source.stored(w, comp)
+            if stored is None:
+                stored = parts(quantize(source.get(w, torch.float32).to(device), bits, gs, gd).to("cpu"))
+            out.update({f"{w.name}@{p}": t for p, t in stored.items()})
         else:
             out[w.name] = source.get(w, dtype)
     return out

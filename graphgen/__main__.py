@@ -6,7 +6,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .config import register_configs, to_config
+from .config import CONF_DIR, register_configs, to_config
 from .run import run
 from .verify import PassError
 
@@ -16,7 +16,7 @@ register_configs()
 USER_ERRORS = (ValueError, FileNotFoundError, OSError, MemoryError, KeyError)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         run(to_config(cfg))

@@ -12,13 +12,16 @@ import torch
 from executors import BlockInputs, make_executor
 from . import distributed
 from .compile import BlockShape, checkpoint_of, compile, spec_for
+from .chat_template import chat_ids, check_messages, end_of_turn_ids, is_messages
 from .config import Config, check_config, compose
 from .inputs import check_generate_args
+from .models.gguf import is_gguf, load as load_gguf, tokenizer as gguf_tokenizer
 from .models.weights import CheckpointWeights, DummyWeights, WeightSource, describe_missing
 from .perf.optimize import resolve_policy
 from .progress import Progress
 from .sampling import Sampling
 from .session import ChatSession
+from .stopping import finish
 from .report.metrics import trace_metrics
 
 
@@ -37,19 +40,25 @@ class LLM:
         if config is None:
             ov = list(overrides)
             path = Path(model).expanduser() if model else None
-            if model and not path.is_dir():
+            is_path = path is not None and (path.is_dir() or is_gguf(path))  # a checkpoint dir or GGUF file
+            if model and not is_path:
                 ov = [f"model={model}"] + ov
             config = compose(ov)
-            if path is not None and path.is_dir():  # set after composing: a path is no override syntax
+            if is_path:  # set after composing: a path is no override syntax
                 given = {o.lstrip("+~").split("=", 1)[0] for o in ov}  # (commas, quotes, '=' in it)
+                name = path.resolve().stem if is_gguf(path) else path.resolve().name
                 config.model.path = config.model.path if "model.path" in given else str(path.resolve())
-                config.model.name = config.model.name if "model.name" in given else path.resolve().name
+                config.model.name = config.model.name if "model.name" in given else name
         # under torchrun: this process runs one pipeline stage (graphgen/distributed.py)
         self.cfg = config = distributed.setup(check_config(config))
         self.checkpoint, self.source, self.notice = resolve_weights(config)
+        m = config.model
+        if self.checkpoint is not None and is_gguf(self.checkpoint):  # architecture, weights: one file
+            self.spec, self.source, self.notice = load_gguf(self.checkpoint, m.name, m.keep_quantized)
+        else:
+            self.spec = spec_for(config, self.checkpoint)
         if self.notice:
             print(self.notice, file=sys.stderr)
-        self.spec = spec_for(config, self.checkpoint)
         # policy=auto: choose the policy for config.workload and the budgets (printed)
         self.cfg = config = resolve_policy(config, spec=self.spec)
         self.tokenizer = load_tokenizer(self.checkpoint)
@@ -84,14 +93,17 @@ class LLM:
     def generate(self, inputs: Union[torch.Tensor, List[str]], attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Union[int, Sequence[int], None] = None, return_logprobs: bool = False):
-        """input_ids [B, S] (left-padded) -> [B, S + max_new_tokens]; a list of strings -> completions.
+        """input_ids [B, S] (left-padded) -> [B, S + max_new_tokens]; a list of strings -> completions;
+        a conversation ([{"role": "user", "content": ...}]) or a list of them -> replies, with the
+        tokenizer's chat template applied and each reply cut at its end-of-turn token.
 
         seed: one int for the call, or one per prompt (a prompt's samples then do not depend on
         which block it lands in). return_logprobs: also return log p(token) [B, max_new_tokens]
         (0 after eos), from the distribution each token was drawn from.
         """
         if isinstance(inputs, (list, tuple)):
-            return self._generate_text(list(inputs), max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+            prompts = [inputs] if is_messages(inputs) else list(inputs)  # one conversation, or a list
+            return self._generate_text(prompts, max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         row_seeds = None
         if seed is not None and not isinstance(seed, int):
             row_seeds, seed = torch.as_tensor(list(seed), dtype=torch.long), None
@@ -160,16 +172,24 @@ class LLM:
         pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else eos
         return new.masked_fill(self._after_eos_mask(new), pad) if eos is not None else new
 
-    def _generate_text(self, prompts: List[str], max_new_tokens: int, *sampling) -> List[str]:
+    def _generate_text(self, prompts: List, max_new_tokens: int, *sampling) -> List[str]:
+        """Strings and conversations (lists of {role, content}: the chat template applies) ->
+        completions, each cut at its end of turn (eos)."""
         if self.tokenizer is None:
-            raise ValueError("generate(list of strings) needs a tokenizer: this model has no checkpoint "
-                             "tokenizer (dummy weights?); pass token ids instead")
-        if not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise ValueError("generate(list of strings) needs at least one prompt, each a non-empty string")
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+            raise ValueError("generate(list of strings or messages) needs a tokenizer: this model has no "
+                             "checkpoint tokenizer (dummy weights?); pass token ids instead")
+        if not prompts or not all((isinstance(p, str) and p) or is_messages(p) for p in prompts):
+            raise ValueError("generate(list) needs at least one prompt, each a non-empty string or a "
+                             "conversation (a list of {role, content} messages)")
+        errors = [check_messages(p) for p in prompts if is_messages(p)]
+        if any(errors):
+            raise ValueError(f"generate(conversations): {next(e for e in errors if e)}")
+        tok = self.tokenizer
+        rows = [chat_ids(tok, p) if is_messages(p) else list(tok(p)["input_ids"]) for p in prompts]
+        enc = tok.pad({"input_ids": rows}, return_tensors="pt")  # left padding (load_tokenizer)
         out = self.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, *sampling)
-        new = out[:, enc["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        new, eot = out[:, enc["input_ids"].shape[1]:], end_of_turn_ids(tok, self.spec.eos_token_id)
+        return [finish(tok, r, new[b].tolist(), eos_token_id=eot).text for b, r in enumerate(rows)]
 
     def chat(self, max_context: Optional[int] = None):
         """A conversation that keeps its KV cache between turns (see graphgen.session)."""
@@ -190,13 +210,17 @@ class LLM:
 
 
 def resolve_weights(cfg: Config) -> Tuple[Optional[Path], WeightSource, str]:
-    """(checkpoint dir or None, weight source, notice to print)."""
+    """(checkpoint dir / GGUF file or None, weight source (None for a GGUF), notice to print)."""
     m = cfg.model
     if m.weights not in ("auto", "hf", "dummy"):
         raise ValueError(f"model.weights={m.weights!r}: use auto, hf or dummy")
     if m.weights == "dummy":
-        return None, DummyWeights(cfg.seed), f"graphgen: {m.name} with DUMMY (random) weights (model.weights=dummy)"
+        return None, DummyWeights(cfg.seed), (
+            f"graphgen: {m.name} with DUMMY (random) weights (model.weights=dummy); for real ones: "
+            f"`hf download {m.hf_id} --local-dir DIR`, then model.path=DIR")
     ckpt = checkpoint_of(cfg)
+    if ckpt is not None and is_gguf(ckpt):
+        return ckpt, None, ""  # opened with its architecture (models.gguf.load)
     if ckpt is not None:
         return ckpt, CheckpointWeights(ckpt), ""
     return None, DummyWeights(cfg.seed), (
@@ -205,12 +229,17 @@ def resolve_weights(cfg: Config) -> Tuple[Optional[Path], WeightSource, str]:
 
 
 def load_tokenizer(ckpt: Optional[Path]):
-    if ckpt is None or not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+    if ckpt is not None and is_gguf(ckpt):
+        tok = gguf_tokenizer(ckpt)
+    elif ckpt is None or not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                              "vocab.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer
+    else:
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
+        tok = AutoTokenizer.from_pretrained(str(ckpt))
+    if tok is None:
+        return None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

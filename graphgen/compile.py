@@ -17,6 +17,7 @@ from passes import run_pipeline
 from .build import build_graph
 from .config import Config
 from .models import ModelSpec, build_spec, hf_config_from_arch, hf_config_from_dir
+from .models.gguf import is_gguf, load as load_gguf
 from .models.weights import describe_missing, find_checkpoint
 from .verify import PassError
 
@@ -52,7 +53,10 @@ def checkpoint_of(cfg: Config) -> Optional[Path]:
 
 
 def spec_for(cfg: Config, checkpoint: Optional[Path] = None) -> ModelSpec:
-    """The architecture spec: from the checkpoint's config.json when there is one, else model.arch."""
+    """The architecture spec: from the checkpoint's config.json (a GGUF file's metadata, with the
+    compression its matrices are stored in) when there is one, else model.arch."""
+    if checkpoint is not None and is_gguf(checkpoint):
+        return load_gguf(checkpoint, cfg.model.name, cfg.model.keep_quantized)[0]
     hf = hf_config_from_dir(checkpoint) if checkpoint else hf_config_from_arch(cfg.model.arch)
     # a checkpoint named by model.path is reported by its directory, not by the config's default model
     name = Path(cfg.model.path).expanduser().resolve().name if cfg.model.path and checkpoint else cfg.model.name

@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def conf_dir() -> Path:
+    """The Hydra config tree: graphgen/conf in an installed wheel, the top-level conf/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "conf", here.parent / "conf"):
+        if (d / "config.yaml").is_file():
+            return d
+    raise FileNotFoundError(f"graphgen's configs (conf/config.yaml) are missing next to {here}: reinstall graphgen")
+
+
+CONF_DIR = conf_dir()
 
 TIERS = ("device", "host", "disk")
 
@@ -28,6 +38,7 @@ class ModelConfig:
     weights: str = "auto"  # auto: checkpoint if found, else announced dummy | hf: require | dummy
     dtype: str = "bfloat16"  # compute/storage dtype: float32 | bfloat16 | float16 (CUDA only)
     arch: Dict[str, Any] = field(default_factory=dict)  # HF config.json fields (model_type, hidden_size...)
+    keep_quantized: bool = True  # GGUF Q4_0 / Q4_1 / Q8_0 matrices stay compressed in the tiers (false: dequantised)
 
 
 @dataclass
@@ -77,6 +88,7 @@ class WorkloadConfig:
     gen_len: int = 16
     num_prompts: Optional[int] = None  # None: one block of gpu_batch_size x num_gpu_batches
     prompts_file: Optional[str] = None  # text file, one prompt per line (needs a tokenizer)
+    prompts: List[str] = field(default_factory=list)  # built-in prompts (with a tokenizer), as chat turns
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -172,11 +184,25 @@ class Config:
     seed: int = 0
 
 
+def package_file(package: str, name: str) -> Optional[str]:
+    """${package_file:pkg,name}: a file shipped inside an installed Python package (the default
+    model's GGUF), None when the package is not installed."""
+    import importlib.resources
+
+    try:
+        f = importlib.resources.files(package) / name
+    except ModuleNotFoundError:
+        return None
+    return str(f) if f.is_file() else None
+
+
 def register_configs() -> None:
-    """Register the root schema so YAML values are validated against it."""
+    """Register the root schema so YAML values are validated against it, and our resolvers."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("package_file", package_file, replace=True)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,

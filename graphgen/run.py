@@ -3,25 +3,36 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from . import distributed
 from .api import LLM
 from .apps.batch import main as batch_main
+from .chat_template import chat_ids, end_of_turn_ids
 from .compile import checkpoint_of, compile, spec_for, workload_shape
 from .config import TIERS, Config
 from .perf.optimize import resolve_policy
 from .perf.simulate import run_simulation
 from .report import files
 from .report.text import add_prediction, emit, gb
+from .stopping import finish
 
 
-def workload_prompts(cfg: Config, llm: LLM) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [N, S] and mask: from workload.prompts_file, else synthetic ids of prompt_len."""
+def workload_prompts(cfg: Config, llm: LLM) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[str]]]:
+    """Token ids [N, S], mask and the prompt texts: from workload.prompts_file, else workload.prompts
+    (with a tokenizer; chat turns when it has a template), else synthetic ids of prompt_len (no texts)."""
     w, p = cfg.workload, cfg.policy
     n = w.num_prompts or p.gpu_batch_size * p.num_gpu_batches
+    if w.prompts and not w.prompts_file and llm.tokenizer is not None:
+        tok = llm.tokenizer
+        texts = (list(w.prompts) * (n // len(w.prompts) + 1))[:n]
+        chat = getattr(tok, "chat_template", None) is not None
+        rows = [chat_ids(tok, [{"role": "user", "content": t}]) if chat else list(tok(t)["input_ids"])
+                for t in texts]
+        enc = tok.pad({"input_ids": rows}, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"], texts
     if w.prompts_file:
         if llm.tokenizer is None:
             raise ValueError("workload.prompts_file needs a checkpoint with a tokenizer "
@@ -37,10 +48,10 @@ def workload_prompts(cfg: Config, llm: LLM) -> Tuple[torch.Tensor, torch.Tensor]
                              "write one prompt per line")
         lines = (lines * (n // len(lines) + 1))[:n] if w.num_prompts else lines
         enc = llm.tokenizer(lines, return_tensors="pt", padding=True, truncation=True, max_length=w.prompt_len)
-        return enc["input_ids"], enc["attention_mask"]
+        return enc["input_ids"], enc["attention_mask"], lines
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(4, llm.spec.vocab_size, (n, w.prompt_len), generator=g)
-    return ids, torch.ones_like(ids)
+    return ids, torch.ones_like(ids), None
 
 
 def run(cfg: Config) -> Dict:
@@ -60,7 +71,7 @@ def generate_job(cfg: Config) -> Dict:
         cfg = replace(cfg, executor=replace(cfg.executor, trace=True))
     with LLM(config=cfg) as llm:
         cfg = llm.cfg  # policy=auto resolved: the config that ran, from here on
-        ids, mask = workload_prompts(cfg, llm)
+        ids, mask, texts = workload_prompts(cfg, llm)
         w = cfg.workload
         out = llm.generate(ids, mask, max_new_tokens=w.gen_len, do_sample=w.do_sample,
                            temperature=w.temperature, top_k=w.top_k, top_p=w.top_p, seed=cfg.seed)
@@ -68,14 +79,28 @@ def generate_job(cfg: Config) -> Dict:
         st = distributed.gather_report(st, llm.executor)  # torchrun: every stage's figures, on rank 0
         if not distributed.is_reporter():
             return st
+        if texts:  # what the model said, before the numbers
+            show_answers(llm, texts, ids, mask, out, file=sys.stderr if cfg.report.json else sys.stdout)
         add_prediction(st, cfg, llm.graph)
         if files.wanted(cfg):
             st["files"] = [str(f) for f in files.write_visuals(cfg, llm.graph, llm.executor.trace, out_dir)]
         emit(st, cfg, out_dir)
-        if llm.tokenizer is not None:
-            print("sample:", repr(llm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)),
-                  file=sys.stderr if cfg.report.json else sys.stdout)
         return st
+
+
+def show_answers(llm: LLM, texts: List[str], ids: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
+                 file, limit: int = 8) -> None:
+    """Each prompt (once) and the text generated for it, cut at its end of turn."""
+    tok, S = llm.tokenizer, ids.shape[1]
+    eot = end_of_turn_ids(tok, llm.spec.eos_token_id)
+    seen = set()
+    for b, text in enumerate(texts):
+        if text in seen or len(seen) == limit:
+            continue
+        seen.add(text)
+        prompt = [int(t) for t, m in zip(ids[b], mask[b]) if m]
+        c = finish(tok, prompt, out[b, S:].tolist(), eos_token_id=eot)
+        print(f"> {text}\n  {c.text.strip()}", file=file)
 
 
 def batch_job(cfg: Config) -> Dict:

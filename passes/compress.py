@@ -71,6 +71,15 @@ def check_cache_groups(comp: Comp) -> None:
                         "use -1 (head_dim, the default), -2 or -3")
 
 
+def stored_setting(lay) -> Comp:
+    """The setting that holds the most weight bytes among layers kept as the checkpoint stores them."""
+    by: Dict[Tuple, int] = {}
+    for c, _, dense in lay:
+        if c:
+            by[c] = by.get(c, 0) + dense
+    return max(by, key=by.get) if by else None
+
+
 def summary(comp: Comp, nbytes: int, dense: int) -> Optional[Dict]:
     if comp is None:
         return None
@@ -93,11 +102,12 @@ def compress(graph, cfg):
     lay = []
     for layer in spec.layers:
         c = wc if wc and any(is_compressed(w) for w in layer.weights) else None
+        c = c or (layer.stored if not wc else None)  # unset: keep what the checkpoint stores (GGUF)
         lay.append((c, weight_nbytes(layer, sh.itemsize, c), layer.numel * sh.itemsize))
     attn = sum(layer.kind == "attn" for layer in spec.layers)
     kv_total = attn * nb * kv_nbytes(spec, sh, sh.max_len, cc)
     graph.graph["compression"] = {
-        "weight": summary(wc, sum(x[1] for x in lay), sum(x[2] for x in lay)),
+        "weight": summary(wc or stored_setting(lay), sum(x[1] for x in lay), sum(x[2] for x in lay)),
         "cache": summary(cc, kv_total, attn * nb * kv_nbytes(spec, sh, sh.max_len, None))}
     kv = {}  # step -> (kv_bytes, kv_read, kv_write): computed once per step, not per square
     for n in squares(graph):

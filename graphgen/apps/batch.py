@@ -25,6 +25,7 @@ from graphgen.apps.batch_io import (BadInputError, BadLine, GenSettings, JobRefu
                                     missing_dirs, read_input, remove_dirs, repair_output, validate,
                                     write_errors)
 from graphgen.apps.job_config import resolve_job
+from graphgen.chat_template import end_of_turn_ids
 from graphgen.stopping import finish, normalize_stops
 
 
@@ -101,8 +102,9 @@ def generate_block(llm: Any, block: List[Request], *, seed: Optional[int], logpr
     for b, r in enumerate(block):
         c = finish(llm.tokenizer, r.ids, new[b].tolist(), eos_token_id=eos_id, stop=r.stop,
                    logprobs=None if lps is None else lps[b].tolist())
-        line = {"id": r.id, "prompt": r.prompt, "completion": c.text, "prompt_tokens": len(r.ids),
-                "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+        line = {"id": r.id, **({"messages": r.messages} if r.messages is not None else {"prompt": r.prompt}),
+                "completion": c.text, "prompt_tokens": len(r.ids), "completion_tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason}
         if logprobs:
             line["logprobs"] = {"tokens": c.tokens, "token_logprobs": c.logprobs}
         lines.append(line)
@@ -166,8 +168,8 @@ def run_batch(llm: Any, input_path, output_path, *, max_new_tokens: int = 32, te
 def _run_blocks(llm, blocks, out, summary: BatchSummary, *, seed, logprobs, progress) -> None:
     from tqdm import tqdm
 
-    eos_id = llm.spec.eos_token_id
-    pad_id = llm.spec.pad_token_id if llm.spec.pad_token_id is not None else (eos_id or 0)
+    eos_id = end_of_turn_ids(llm.tokenizer, llm.spec.eos_token_id)  # replies end at the end of turn
+    pad_id = llm.spec.pad_token_id if llm.spec.pad_token_id is not None else (llm.spec.eos_token_id or 0)
     show = progress and sys.stderr.isatty()
     bar = tqdm(total=summary.total, initial=summary.already_done, unit="prompt", disable=not show,
                file=sys.stderr, dynamic_ncols=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from graphgen.chat_template import chat_ids, check_messages
 from graphgen.stopping import normalize_stops
 
 MAX_SHOWN_ERRORS = 10
@@ -47,6 +48,7 @@ class Request:
     ids: List[int]  # tokenised prompt
     gen: GenSettings
     stop: Tuple[str, ...] = ()
+    messages: Optional[List[Dict[str, str]]] = None  # a conversation (chat template) instead of a prompt
 
 
 @dataclass
@@ -105,9 +107,13 @@ def _parse_json_line(n: int, text: str, bad: List[BadLine]) -> Optional[Dict[str
     if not isinstance(rec, dict):
         bad.append(BadLine(n, f"expected a JSON object with id and prompt, got {type(rec).__name__}", text=text))
         return None
-    missing = [k for k in ("id", "prompt") if k not in rec]
+    missing = [k for k in ("id", "prompt") if k not in rec and not (k == "prompt" and "messages" in rec)]
     if missing:
-        bad.append(BadLine(n, f"missing field(s): {', '.join(missing)}", rec.get("id"), text))
+        bad.append(BadLine(n, f"missing field(s): {', '.join(missing)} (or messages instead of prompt)",
+                           rec.get("id"), text))
+        return None
+    if "prompt" in rec and "messages" in rec:
+        bad.append(BadLine(n, "give prompt or messages, not both", rec.get("id"), text))
         return None
     return rec
 
@@ -122,10 +128,16 @@ def validate(records: List[Record], tokenizer: Any, defaults: GenSettings,
             bad.append(BadLine(n, err, rec.get("id"), text))
         else:
             checked.append((n, rec, text))
-    token_ids = _tokenize(tokenizer, [rec["prompt"] for _, rec, _ in checked])
+    plain = [rec["prompt"] for _, rec, _ in checked if "messages" not in rec]
+    token_ids = iter(_tokenize(tokenizer, plain))
     seen: Dict[str, int] = {}
     good = []
-    for (n, rec, text), ids in zip(checked, token_ids):
+    for n, rec, text in checked:
+        try:
+            ids = chat_ids(tokenizer, rec["messages"]) if "messages" in rec else next(token_ids)
+        except ValueError as e:  # no chat template: the line is bad, the others run
+            bad.append(BadLine(n, str(e), rec["id"], text))
+            continue
         req = _request(n, rec, ids, defaults, stop)
         err = _check_request(req, max_positions, seen)
         if err:
@@ -138,12 +150,16 @@ def validate(records: List[Record], tokenizer: Any, defaults: GenSettings,
 
 
 def _check_fields(rec: Dict[str, Any]) -> Optional[str]:
-    i, p = rec["id"], rec["prompt"]
+    i, p = rec["id"], rec.get("prompt")
     if isinstance(i, bool) or not isinstance(i, (str, int)):
         return f"id must be a string or an integer, got {json.dumps(i)}"
-    if not isinstance(p, str):
+    if "messages" in rec:
+        err = check_messages(rec["messages"])
+        if err:
+            return err
+    elif not isinstance(p, str):
         return f"prompt must be a string, got {type(p).__name__}"
-    if not p.strip():
+    elif not p.strip():
         return "empty prompt"
     m = rec.get("max_new_tokens")
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
@@ -165,7 +181,7 @@ def _request(n: int, rec: Dict[str, Any], ids: List[int], d: GenSettings, stop: 
         t = float(rec["temperature"])
         gen = GenSettings(gen.max_new_tokens, t > 0, t if t > 0 else 1.0, gen.top_k, gen.top_p)
     stops = normalize_stops(rec["stop"]) if rec.get("stop") is not None else tuple(stop)
-    return Request(n, rec["id"], rec["prompt"], ids, gen, stops)
+    return Request(n, rec["id"], rec.get("prompt", ""), ids, gen, stops, rec.get("messages"))
 
 
 def _check_request(r: Request, max_positions: Optional[int], seen: Dict[str, int]) -> Optional[str]:

@@ -1,10 +1,13 @@
 """Interactive chat (FlexGen's chatbot) that keeps the conversation's KV cache between turns.
 
-    python -m graphgen.apps.chat --model /path/to/checkpoint [overrides ...]
+    python -m graphgen.apps.chat                          # the default model (SmolLM2-135M-Instruct)
+    python -m graphgen.apps.chat --model /path/to/checkpoint-or.gguf [overrides ...]
     echo "Hello" | python -m graphgen.apps.chat --model DIR model.dtype=float32
 
 Each line you type is one turn: only its tokens are prefilled, against the cache of the
-turns before (FlexGen re-encoded the whole history each turn). `/reset` starts over,
+turns before (FlexGen re-encoded the whole history each turn). With a tokenizer that has a
+chat template, turns are written by the template and a reply ends at its end-of-turn token;
+without one, as "Human: ...\nAssistant:" and a reply ends at a newline. `/reset` starts over,
 `/quit` or end of input leaves. Trailing words are Hydra overrides for the LLM config.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from typing import Any, List, Optional, Sequence, Tuple
 
 from graphgen.api import LLM
+from graphgen.chat_template import chat_ids, end_of_turn_ids, render
 from graphgen.sampling import Sampling
 from graphgen.session import ContextFull
 from graphgen.stopping import finish
@@ -25,22 +29,28 @@ SYSTEM = ("A chat between a curious human and a knowledgeable assistant.\n"
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m graphgen.apps.chat", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="opt-1.3b", help="config name or checkpoint directory")
+    p.add_argument("--model", default=None, help="config name, checkpoint directory or .gguf file "
+                   "(default: the default model of conf/config.yaml)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--system", default=SYSTEM, help="text that opens the conversation")
+    p.add_argument("--system", default=None, help="system message (chat template) or opening text "
+                   "(default: the template's own, or a short Human/Assistant exchange)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default: the model's)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. policy=host-offload")
     return p.parse_args(argv)
 
 
 class Chat:
-    """Turns of 'Human: ...\\nAssistant:' over one ChatSession; replies stop at a newline."""
+    """Turns over one ChatSession: written by the tokenizer's chat template when it has one
+    (replies stop at the end-of-turn token), else as 'Human: ...\\nAssistant:' (replies stop at a newline)."""
 
     def __init__(self, llm: Any, args: argparse.Namespace):
         self.llm, self.args, self.tok = llm, args, llm.tokenizer
+        self.templated = getattr(self.tok, "chat_template", None) is not None
+        self.system = args.system if args.system is not None else ("" if self.templated else SYSTEM)
+        self.cached = ""  # templated: the text the session's cache holds (and its pending token)
         self.session = None
         self.turn = 0
         self.turns: List[Tuple[str, str]] = []  # (human, assistant) texts since the last reset
@@ -50,8 +60,7 @@ class Chat:
         if self.session is not None:
             self.session.close()
         self.session = self.llm.chat(self.args.max_context)
-        self.turn = 0
-        self.turns = []
+        self.turn, self.turns, self.cached = 0, [], ""
 
     def reply(self, text: str) -> str:
         """The assistant's answer; when the conversation outgrows the cache, the oldest turns are
@@ -59,21 +68,44 @@ class Chat:
         if self.session is None:
             self.reset()
         self.notice = None
-        prompt = (self.args.system if self.turn == 0 else "") + f"Human: {text}\nAssistant:"
-        ids = self.tok(prompt, add_special_tokens=self.turn == 0)["input_ids"]
+        ids = self._turn_ids(text) if self.templated else self._plain_ids(text)
         try:
             answer = self._send(ids)
         except ContextFull:
             answer = self._send(self._restart(text))
-        self.turns.append((text, answer))
-        return answer
+        # templated: the reply as generated, so the next rendering extends the cache's text
+        self.turns.append((text, answer if self.templated else answer.strip()))
+        return answer.strip()
+
+    def _plain_ids(self, text: str) -> List[int]:
+        prompt = (self.system if self.turn == 0 else "") + f"Human: {text}\nAssistant:"
+        return self.tok(prompt, add_special_tokens=self.turn == 0)["input_ids"]
+
+    def _messages(self, turns: List[Tuple[str, str]], text: str) -> List[dict]:
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        past = [{"role": r, "content": c} for h, a in turns for r, c in (("user", h), ("assistant", a))]
+        return sys_msg + past + [{"role": "user", "content": text}]
+
+    def _turn_ids(self, text: str) -> List[int]:
+        """The templated conversation's tokens past what the session's cache already holds."""
+        full = render(self.tok, self._messages(self.turns, text))
+        if not full.startswith(self.cached):  # the template rewrote history: start the cache over
+            self.session.close()
+            self.session, self.cached = self.llm.chat(self.args.max_context), ""
+        return list(self.tok(full[len(self.cached):], add_special_tokens=False)["input_ids"])
+
+    def _prompt_ids(self, turns: List[Tuple[str, str]], text: str) -> List[int]:
+        """The whole conversation (these turns, then text) as a fresh session's prompt."""
+        if self.templated:
+            return chat_ids(self.tok, self._messages(turns, text))
+        history = "".join(f"Human: {h}\nAssistant: {r}\n" for h, r in turns)
+        return self.tok(self.system + history + f"Human: {text}\nAssistant:")["input_ids"]
 
     def _restart(self, text: str) -> List[int]:
         """A new session opened with as many of the latest turns as leave room for this one."""
         turns, room = self.turns, self.session.cache_len - self.args.max_new_tokens
         for keep in range(len(turns), -1, -1):
-            history = "".join(f"Human: {h}\nAssistant: {r}\n" for h, r in turns[len(turns) - keep:])
-            ids = self.tok(self.args.system + history + f"Human: {text}\nAssistant:")["input_ids"]
+            ids = self._prompt_ids(turns[len(turns) - keep:], text)
             if len(ids) <= room:
                 break
         else:
@@ -93,14 +125,19 @@ class Chat:
                             a.seed + self.turn)
         done: List = []
 
-        def cut(tokens: List[int]) -> int:  # keep the reply up to its newline (or eos) in the cache
-            c = finish(self.tok, ids, tokens, eos_token_id=self.llm.spec.eos_token_id, stop=["\n"])
+        eos, stop = ((end_of_turn_ids(self.tok, self.llm.spec.eos_token_id), None) if self.templated
+                     else (self.llm.spec.eos_token_id, ["\n"]))
+
+        def cut(tokens: List[int]) -> int:  # keep the reply up to its end (end of turn, newline) in the cache
+            c = finish(self.tok, ids, tokens, eos_token_id=eos, stop=stop)
             done.append(c)
             return max(1, len(c.token_ids))
 
-        self.session.send(ids, a.max_new_tokens, sampling, cut)
+        kept = self.session.send(ids, a.max_new_tokens, sampling, cut)
         self.turn += 1
-        return done[0].text.strip()
+        if self.templated:
+            self.cached += self.tok.decode(list(ids) + kept)
+        return done[0].text
 
     def close(self) -> None:
         if self.session is not None:

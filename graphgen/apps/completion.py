@@ -1,6 +1,6 @@
 """Completion example (FlexGen's apps/completion.py): a few prompts, sampled, printed.
 
-    python -m graphgen.apps.completion                       # opt-125m (dummy weights if none at hand)
+    python -m graphgen.apps.completion                       # the default model (SmolLM2-135M-Instruct)
     python -m graphgen.apps.completion --model /path/to/opt-1.3b policy=host-offload
     python -m graphgen.apps.completion --prompt "Paris is the capital of" --stop . --max-new-tokens 16
 
@@ -75,7 +75,8 @@ def token_ids_demo(llm: Any, args: argparse.Namespace) -> List[Completion]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m graphgen.apps.completion", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="opt-125m", help="config name (conf/model/) or a local HF checkpoint dir")
+    ap.add_argument("--model", default=None, help="config name (conf/model/), a local HF checkpoint dir or a "
+                    ".gguf file (default: the default model of conf/config.yaml)")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable); default: FlexGen's two examples")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.7, help="0: greedy")

@@ -43,6 +43,9 @@ class LayerSpec:
     index: int  # j: position in the model's layer list (graph layer coordinate)
     block: int  # decoder block number (-1 for embed/head)
     weights: List[WeightSpec] = field(default_factory=list)
+    # compression the checkpoint already stores every matrix of the layer in, exactly
+    # ((bits, group_size, group_dim), e.g. a GGUF's Q4_1); the compress pass keeps it
+    stored: Optional[Tuple[int, int, int]] = None
 
     @property
     def numel(self) -> int:

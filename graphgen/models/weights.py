@@ -31,6 +31,11 @@ class WeightSource:
         """(file, byte offset, stored dtype) when the tensor lies raw in a file (read in place)."""
         return None
 
+    def stored(self, spec: WeightSpec, comp) -> Optional[Dict[str, torch.Tensor]]:
+        """The tensor as compressed parts {data, mins, scales} when the checkpoint holds it in
+        exactly that compression ((bits, group_size, group_dim)), else None."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -184,6 +189,8 @@ def find_checkpoint(path: Optional[str], hf_id: Optional[str]) -> Optional[Path]
     """A local directory with config.json: model.path, else the HF hub cache (offline)."""
     if path:
         p = Path(path).expanduser()
+        if str(p).lower().endswith(".gguf"):
+            return p if p.is_file() else None
         return p if (p / "config.json").exists() else None
     if not hf_id:
         return None
@@ -200,6 +207,7 @@ def find_checkpoint(path: Optional[str], hf_id: Optional[str]) -> Optional[Path]
 def describe_missing(hf_id: str, path: Optional[str]) -> str:
     where = f"model.path={path}" if path else f"the Hugging Face cache ({hf_id})"
     return (f"no checkpoint found in {where}. To use real weights, download them "
-            f"(`huggingface-cli download {hf_id}`) or set model.path=/dir/with/config.json; "
+            f"(`hf download {hf_id} --local-dir DIR`, then model.path=DIR) or set model.path to a "
+            "directory with config.json or to a .gguf file; "
             f"to benchmark with random weights, set model.weights=dummy.")
 
