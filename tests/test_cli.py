@@ -37,7 +37,7 @@ def test_checkpoint_path_and_offload_placement(opt_ckpt, tmp_path):
 def test_missing_real_weights_say_how_to_get_them(tmp_path):
     r = run_cli("model=opt-1.3b", "model.weights=hf", cwd=tmp_path)
     assert r.returncode != 0
-    assert "huggingface-cli download facebook/opt-1.3b" in r.stderr and "model.weights=dummy" in r.stderr
+    assert "hf download facebook/opt-1.3b --local-dir" in r.stderr and "model.weights=dummy" in r.stderr
 
 
 def test_plan_over_budget_refused_before_running(tmp_path):

@@ -100,7 +100,7 @@ def test_overlap_in_trace_events(opt_ckpt, offload_dir):
 
 
 def test_stream_plan_respects_slots_and_producers():
-    cfg = compose(["model.arch.num_hidden_layers=2", f"policy.percent={PLACEMENTS['all-disk']}",
+    cfg = compose(["model=opt-125m", "model.arch.num_hidden_layers=2", f"policy.percent={PLACEMENTS['all-disk']}",
                    "policy.num_gpu_batches=2"])
     spec = build_spec(hf_config_from_arch(cfg.model.arch), cfg.model.name)
     g = run_pipeline(build_graph(spec, batch=2, num_batches=2, prompt_len=4, gen_len=3), cfg)

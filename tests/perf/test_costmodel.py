@@ -23,7 +23,7 @@ PROFILE = {"device_flops_float32": 1e12, "device_flops_decode_float32": 2e11, "d
 
 
 def tiny(percent, executor="async", cpu_attention=False, batches=2):
-    cfg = compose(["model.dtype=float32", f"executor={executor}", "hardware.device=cuda",
+    cfg = compose(["model=opt-125m", "model.dtype=float32", f"executor={executor}", "hardware.device=cuda",
                    f"policy.percent={percent}", f"policy.cpu_attention={str(cpu_attention).lower()}"])
     cfg.hardware.profile = dict(PROFILE)
     g = build_graph(build_spec(hf_config_from_arch(TINY)), batch=4, num_batches=batches, prompt_len=16,

@@ -19,7 +19,7 @@ PROFILE = {"device_flops_float32": 1e11, "device_flops_decode_float32": 2e10, "d
 
 
 def tiny_cfg(device="2MB", host="2MB", disk="1GB", extra=()):
-    cfg = compose(["policy=auto", "model.dtype=float32", "workload.prompt_len=32", "workload.gen_len=8",
+    cfg = compose(["model=opt-125m", "policy=auto", "model.dtype=float32", "workload.prompt_len=32", "workload.gen_len=8",
                    f"hardware.device_mem={device}", f"hardware.host_mem={host}", f"hardware.disk_mem={disk}",
                    "hardware.device=cuda", "executor=async", *extra])
     cfg.model.arch, cfg.model.name = dict(TINY), "tiny"

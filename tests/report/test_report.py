@@ -39,7 +39,7 @@ def is_svg(path: Path) -> bool:
 
 def compiled(schedule="zigzag", layers=1, tokens=3, batches=4, extra=()):
     """The paper's figure: 3 tokens x 4 layers (embed, attn, mlp, head) x 4 GPU batches; no weights."""
-    cfg = compose([f"schedule={schedule}", f"model.arch.num_hidden_layers={layers}", OFFLOAD,
+    cfg = compose(["model=opt-125m", f"schedule={schedule}", f"model.arch.num_hidden_layers={layers}", OFFLOAD,
                    "policy.cpu_attention=true", *extra])
     spec = build_spec(hf_config_from_arch(cfg.model.arch), cfg.model.name)
     g = build_graph(spec, batch=2, num_batches=batches, prompt_len=8, gen_len=tokens, dtype="float32")
@@ -157,7 +157,7 @@ def test_dry_run_draws_without_running(opt_ckpt, tmp_path, capsys):
 def test_bad_format_is_named(tmp_path):
     from graphgen.report.files import write_visuals
 
-    cfg = compose(["viz.schedule=true", "viz.formats=[jpg]"])
+    cfg = compose(["model=opt-125m", "viz.schedule=true", "viz.formats=[jpg]"])
     with pytest.raises(ValueError, match="viz.formats"):
         write_visuals(cfg, compiled(), out=tmp_path)
 
