@@ -365,3 +365,22 @@ def test_real_engine_sigkill_then_rerun(tiny_opt, tmp_path):
                   max_new_tokens=8, progress=False)
     assert s.already_done == done_before and s.generated == n - done_before
     assert ids_of(out) == sorted(str(i) for i in range(n))
+
+
+def test_messages_lines_use_the_chat_template_and_stop_at_end_of_turn(smollm2, tmp_path):
+    """A `messages` line is written by the tokenizer's template; the reply ends at <|im_end|>
+    (finish_reason eos) and the output line echoes the messages; bad messages are bad lines."""
+    from graphgen.apps.batch import run_batch
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    write_jsonl(inp, [{"id": "chat", "messages": chat}, {"id": "plain", "prompt": "The capital of France is"},
+                      {"id": "bad", "messages": [{"role": "user"}]},
+                      {"id": "both", "prompt": "x", "messages": chat}])
+    s = run_batch(smollm2, inp, out, max_new_tokens=12, progress=False)
+    lines = {r["id"]: r for r in read_out(out)}
+    assert set(lines) == {"chat", "plain"} and len(s.bad_lines) == 2
+    assert lines["chat"]["messages"] == chat and "prompt" not in lines["chat"]
+    assert "Paris" in lines["chat"]["completion"] and lines["chat"]["finish_reason"] == "eos"
+    errors = (tmp_path / "out.jsonl.errors.jsonl").read_text()
+    assert "messages[0]" in errors and "not both" in errors

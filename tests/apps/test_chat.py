@@ -112,3 +112,26 @@ def test_chat_app_refuses_a_turn_too_long_for_the_context_visibly(chat_ckpt, cap
 def test_chat_app_survives_bytes_that_are_not_utf8(chat_ckpt, capsys):
     rc, out, err = run_app(chat_ckpt, b"Hello \xff\xfe there\nAgain\n", capsys)
     assert rc == 0 and out.count("Assistant:") == 2 and "not UTF-8" in err
+
+
+def test_chat_app_on_the_default_model_uses_its_template(smollm2):
+    """Turns are written by the tokenizer's chat template and each reply stops at <|im_end|>; the
+    second turn extends the first turn's cache (the context grows, nothing is re-encoded)."""
+    import io
+
+    from graphgen.apps.chat import Chat, main, parse_args
+
+    chat = Chat(smollm2, parse_args(["--temperature", "0", "--max-new-tokens", "12"]))
+    try:
+        assert chat.templated
+        assert "Paris" in chat.reply("What is the capital of France?")
+        first = chat.session.context_len
+        assert chat.session.pending == []  # the reply ended at its end-of-turn token, inside the budget
+        chat.reply("Thanks!")
+        assert chat.session.context_len > first and chat.cached.startswith("<|im_start|>system")
+    finally:
+        chat.close()
+    out = io.StringIO()
+    assert main(["--temperature", "0", "--max-new-tokens", "8"], llm=smollm2,
+                stdin=io.StringIO("What is the capital of France?\n"), stdout=out) == 0
+    assert "Assistant: " in out.getvalue() and "Paris" in out.getvalue()
