@@ -11,7 +11,7 @@ import torch
 
 from executors import BlockInputs, make_executor
 from . import distributed
-from .compile import BlockShape, checkpoint_of, compile, spec_for
+from .compile import BlockShape, checkpoint_of, compile, model_name, spec_for
 from .chat_template import chat_ids, check_messages, end_of_turn_ids, is_messages
 from .config import Config, check_config, compose
 from .inputs import check_generate_args
@@ -54,7 +54,8 @@ class LLM:
         self.checkpoint, self.source, self.notice = resolve_weights(config)
         m = config.model
         if self.checkpoint is not None and is_gguf(self.checkpoint):  # architecture, weights: one file
-            self.spec, self.source, self.notice = load_gguf(self.checkpoint, m.name, m.keep_quantized)
+            self.spec, self.source, self.notice = load_gguf(self.checkpoint, model_name(config, self.checkpoint),
+                                                            m.keep_quantized)
         else:
             self.spec = spec_for(config, self.checkpoint)
         if self.notice:

@@ -55,12 +55,20 @@ def checkpoint_of(cfg: Config) -> Optional[Path]:
 def spec_for(cfg: Config, checkpoint: Optional[Path] = None) -> ModelSpec:
     """The architecture spec: from the checkpoint's config.json (a GGUF file's metadata, with the
     compression its matrices are stored in) when there is one, else model.arch."""
+    name = model_name(cfg, checkpoint)
     if checkpoint is not None and is_gguf(checkpoint):
-        return load_gguf(checkpoint, cfg.model.name, cfg.model.keep_quantized)[0]
+        return load_gguf(checkpoint, name, cfg.model.keep_quantized)[0]
     hf = hf_config_from_dir(checkpoint) if checkpoint else hf_config_from_arch(cfg.model.arch)
-    # a checkpoint named by model.path is reported by its directory, not by the config's default model
-    name = Path(cfg.model.path).expanduser().resolve().name if cfg.model.path and checkpoint else cfg.model.name
     return build_spec(hf, name)
+
+
+def model_name(cfg: Config, checkpoint: Optional[Path] = None) -> str:
+    """A checkpoint named by model.path is reported by its directory (a GGUF by its file name
+    without .gguf), not by the config's default model; else model.name."""
+    if not (cfg.model.path and checkpoint):
+        return cfg.model.name
+    p = Path(cfg.model.path).expanduser().resolve()
+    return p.stem if is_gguf(p) else p.name
 
 
 def compile(spec: ModelSpec, cfg: Config, shape: BlockShape) -> nx.DiGraph:  # noqa: A001 (the compiler's verb)

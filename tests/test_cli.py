@@ -52,4 +52,4 @@ def test_default_model_prints_its_answers_before_the_report(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     answer = r.stdout.index("> What is the capital of France?")
     assert "Paris" in r.stdout[answer:r.stdout.index("throughput")]
-    assert "smollm2-135m" in r.stdout
+    assert "model SmolLM2-135M-Instruct.Q4_1 (gguf weights" in r.stdout
