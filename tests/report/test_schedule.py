@@ -25,7 +25,8 @@ def compiled(schedule="zigzag", layers=1, tokens=3, batches=4, batch=2, prompt_l
              policy=(OFFLOAD, "policy.cpu_attention=true")):
     """Default: the paper's figure, 3 tokens x 4 layers (embed, attn, mlp, head) x 4 GPU batches."""
     over = [f"model.arch.num_hidden_layers={layers}"] if layers else []
-    cfg = compose([f"schedule={schedule}", *over, *policy])
+    model = [] if any(p.startswith("model=") for p in policy) else ["model=opt-125m"]
+    cfg = compose([*model, f"schedule={schedule}", *over, *policy])
     spec = build_spec(hf_config_from_arch(cfg.model.arch), cfg.model.name)
     g = build_graph(spec, batch=batch, num_batches=batches, prompt_len=prompt_len, gen_len=tokens,
                     dtype=cfg.model.dtype)
