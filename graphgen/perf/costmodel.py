@@ -119,10 +119,14 @@ class CostModel:
             return self.opt("host_mem_bw")
         return self.opt("device_mem_bw") or (self.opt("host_mem_bw") if self.same_memory else 0.0)
 
-    def roofline(self, seconds: float, nbytes: float, where: str = "device") -> float:
-        """The slower of a kernel's arithmetic (`seconds`) and streaming `nbytes` through its memory."""
+    def put(self, out: Dict[str, float], part: str, seconds: float, nbytes: float, where: str = "device") -> None:
+        """out[part] = the slower of a kernel's arithmetic (`seconds`) and streaming `nbytes` through
+        the memory where it runs; named '<part>, memory-bound' when the bytes are the slower."""
         bw = self.mem_bw(where)
-        return max(seconds, nbytes / bw) if bw and nbytes else seconds
+        if bw and nbytes and nbytes / bw > seconds:
+            out[f"{part}, memory-bound"] = nbytes / bw
+        else:
+            out[part] = seconds
 
     def opt(self, key: str, default: float = 0.0) -> float:
         """An optional refinement: its value, or `default` where the profile does not have it."""
@@ -148,18 +152,18 @@ class CostModel:
         if a["step_kind"] == "prefill":
             # the head only reads the last position: one row per sequence, priced like decode; a
             # fitted profile also streams every matmul square's weights once (small prompts)
-            out["matmul"] = (self.decode_matmul_s(mm, a) if a["kind"] == "head" else self.roofline(
-                mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a), self.weights_read(mm, a)))
+            self.put(out, "matmul", self.decode_matmul_s(mm, a) if a["kind"] == "head" else
+                     mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a), self.weights_read(mm, a))
             if attn_flops:
                 dense = kv_dense or a["kv_read"] + a["kv_write"]
-                out["attention"] = self.roofline(
-                    attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}"), dense)
+                self.put(out, "attention", attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}"),
+                         dense)
             return out
-        out["matmul"] = self.decode_matmul_s(mm, a)
+        self.put(out, "matmul", self.decode_matmul_s(mm, a), self.weights_read(mm, a))
         if a["kind"] == "attn":
             where = "host" if a.get("attn_device") == "host" else "device"
             dense = kv_dense or a["kv_read"] + a["kv_write"]
-            out[f"attention ({where})"] = self.roofline(dense / self.attention_bw(where, batch, hidden), dense, where)
+            self.put(out, f"attention ({where})", dense / self.attention_bw(where, batch, hidden), dense, where)
             if a.get("kv_compressed") and self.p.get("dequant_bw"):
                 out["dequant"] = out.get("dequant", 0.0) + dense / self.p["dequant_bw"]
         return out
@@ -171,14 +175,13 @@ class CostModel:
     def decode_matmul_s(self, flops: float, a: dict) -> float:
         """One row per sequence: FLOPs at the decode shape's FLOP/s, and the weights streamed at
         device_mm_bw_<dtype>: the larger of the two (measured microbenchmarks), or their sum when the
-        profile was fitted to traced runs in that form (graphgen.perf.calibrate: calibrated = 1);
-        never faster than reading the weights at device_mem_bw."""
+        profile was fitted to traced runs in that form (graphgen.perf.calibrate: calibrated = 1)."""
         t = flops / self.rate(f"device_flops_decode_{self.dtype}", f"device_flops_{self.dtype}")
         bw = self.p.get(f"device_mm_bw_{self.dtype}")
         if bw and flops:
             w = a.get("w_work_bytes", a["w_bytes"]) / bw
             t = t + w if self.p.get("calibrated") else max(t, w)
-        return self.roofline(t, self.weights_read(flops, a))
+        return t
 
     @staticmethod
     def weights_read(flops: float, a: dict) -> float:

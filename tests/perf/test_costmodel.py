@@ -35,7 +35,7 @@ def tiny(percent, executor="async", cpu_attention=False, batches=2):
 # from FlexGen's fitted compute and PCIe constants, the T4's memory bandwidth, and the disk read rates of
 # the paper's Sec. 6 and Table 4 (conf/hardware/t4-flexgen.yaml, docs/costmodel.md)
 @pytest.mark.parametrize("experiment,published,bottleneck", [
-    ("flexgen-opt-6.7b-t4", 25.26, "compute (matmul)"),  # decode streams 13.7 GB of weights a step at 320 GB/s
+    ("flexgen-opt-6.7b-t4", 25.26, "compute (matmul, memory-bound)"),  # decode streams 13.7 GB of weights a step at 320 GB/s
     ("flexgen-opt-30b-t4", 7.32, "compute"),
     ("flexgen-opt-175b-t4", 0.69, "load (disk->host)"),  # the KV cache read from disk at 2.72 GB/s
 ])
@@ -200,7 +200,7 @@ def test_decode_matmul_is_bound_by_device_memory_bandwidth():
     no_key = CostModel(dict(PROFILE, device_flops_decode_float32=1e18), "float32", "cuda")
     assert no_key.compute_parts(a, 0.0)["matmul"] == pytest.approx(a["flops"] / 1e18)  # FLOPs only
     slow = CostModel(dict(PROFILE, device_flops_decode_float32=1e18, device_mem_bw=1e9), "float32", "cuda")
-    assert slow.compute_parts(a, 0.0)["matmul"] == pytest.approx(a["w_bytes"] / 1e9)
+    assert slow.compute_parts(a, 0.0)["matmul, memory-bound"] == pytest.approx(a["w_bytes"] / 1e9)
     fast = CostModel(dict(PROFILE, device_mem_bw=1e18), "float32", "cuda")
     assert fast.compute_parts(a, 0.0)["matmul"] == pytest.approx(a["flops"] / PROFILE["device_flops_decode_float32"])
 
@@ -209,18 +209,18 @@ def test_prefill_matmul_of_few_tokens_is_bound_by_memory_too():
     g, _ = tiny("[100,0,100,0,100,0]")
     a = next(g.nodes[n] for n in squares(g) if g.nodes[n]["kind"] == "mlp" and g.nodes[n]["step_kind"] == "prefill")
     m = CostModel(dict(PROFILE, device_mem_bw=1e6), "float32", "cuda")
-    assert m.compute_parts(a, 0.0)["matmul"] == pytest.approx(a["w_bytes"] / 1e6)
+    assert m.compute_parts(a, 0.0)["matmul, memory-bound"] == pytest.approx(a["w_bytes"] / 1e6)
 
 
 def test_attention_reads_its_cache_at_the_memory_bandwidth_where_it_runs():
     g, _ = tiny("[100,0,0,100,100,0]", cpu_attention=True)
     host, kv = dict(_decode_square(g, "attn"), attn_device="host"), 10**6
     m = CostModel(dict(PROFILE, host_mem_bw=1e6, device_mem_bw=1e18), "float32", "cuda")
-    assert m.compute_parts(host, 0.0, kv)["attention (host)"] == pytest.approx(1.0)
+    assert m.compute_parts(host, 0.0, kv)["attention (host), memory-bound"] == pytest.approx(1.0)
     dev = dict(host, attn_device="device")
     assert m.compute_parts(dev, 0.0, kv)["attention (device)"] == pytest.approx(kv / PROFILE["device_attn_bw"])
     one_memory = CostModel(dict(PROFILE, device_is_host=1.0, device_mem_bw=1e6), "float32", "cpu")  # CPU-only
-    assert one_memory.compute_parts(host, 0.0, kv)["attention (host)"] == pytest.approx(1.0)
+    assert one_memory.compute_parts(host, 0.0, kv)["attention (host), memory-bound"] == pytest.approx(1.0)
 
 
 def test_policy_lp_prices_compute_as_the_simulator():
@@ -239,7 +239,7 @@ def test_policy_lp_prices_compute_as_the_simulator():
                                     dense, 4, P.spec.hidden_size)
         assert dev["base"] + dev["attn"] == pytest.approx(sum(parts.values()))
         if kind == "mlp" and phase == "decode":
-            assert parts["matmul"] == pytest.approx(a["w_bytes"] / 2e9)  # the floor binds
+            assert parts["matmul, memory-bound"] == pytest.approx(a["w_bytes"] / 2e9)  # the floor binds
 
 
 def test_kv_cache_reads_from_disk_have_their_own_rate():
