@@ -281,7 +281,7 @@ def load_or_measure_record(device: str = "cpu", offload_dir: Optional[str] = Non
                            refresh: bool = False, quick: bool = False) -> Dict[str, object]:
     offload_dir = offload_dir or default_offload_dir()
     here = (device, os.path.realpath(offload_dir))
-    record = None if refresh else load_cached(device) or _THIS_RUN.get(here)
+    record = None if refresh else _THIS_RUN.get(here) or load_cached(device)  # this process's newest first
     if _usable(record, offload_dir, quick):
         return record
     record = measure_and_cache(device, offload_dir, quick)

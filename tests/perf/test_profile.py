@@ -215,3 +215,19 @@ def test_a_run_far_from_its_prediction_is_a_warning_naming_the_fix():
     assert "4.9x faster than predicted" in msg and "python -m graphgen.perf.profile --refresh --device cpu" in msg
     assert "30.0x slower" in checks.prediction_warning(1.0, 30.0, "fix")
     assert checks.prediction_warning(0.0, 3.0, "fix") is None
+
+
+def test_calibration_never_caches_an_inconsistent_profile(cache_env, monkeypatch, capsys):
+    from graphgen.perf import calibrate
+
+    base = {"device_is_host": 1.0, "device_flops_decode_bfloat16": 5e11, "compute_overhead_s": 2e-4}
+    record = {"profile": dict(base), "meta": {"cached": True, "offload_dir": str(cache_env / "off")}}
+    monkeypatch.setattr(hp, "load_or_measure_record", lambda device, off: record)
+    monkeypatch.setattr(hp, "_THIS_RUN", {})
+    monkeypatch.setattr(calibrate, "RUNS", [])
+    monkeypatch.setattr(calibrate, "fit", lambda runs, dtype: ({"compute_overhead_s": 0.031}, {}))
+    calibrate.calibrate(verbose=False)
+    assert not hp.cache_path("cpu").exists() and "NOT cached" in capsys.readouterr().err
+    monkeypatch.setattr(calibrate, "fit", lambda runs, dtype: ({"compute_overhead_s": 3e-4}, {}))
+    calibrate.calibrate(verbose=False)
+    assert json.loads(hp.cache_path("cpu").read_text())["profile"]["calibrated"] == 1.0
