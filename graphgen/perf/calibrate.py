@@ -210,11 +210,11 @@ def calibrate(dtype: str = "bfloat16", offload_dir: Optional[str] = None, device
     record["profile"].update(fitted, calibrated=1.0)
     record["meta"]["calibration"] = {"runs": [r["name"] for r in runs], "fit": quality, "dtype": dtype}
     problems = checks.check_profile(record["profile"])
-    if problems or not record["meta"].get("cached", True):  # never cache a bad measurement
-        print("graphgen: WARNING: the calibrated profile is inconsistent (" + "; ".join(problems or
-              ["its measurement was"]) + "): used for this process only, NOT cached. " + hp.remeasure_hint(device),
-              file=sys.stderr)
-        hp._THIS_RUN[(device, record["meta"]["offload_dir"])] = record
+    record["meta"].update(cached=not problems, problems=problems)  # the fit replaces the probes it checks
+    hp.keep_for_this_run(record, device)
+    if problems:  # never cache a bad measurement
+        print("graphgen: WARNING: the calibrated profile is inconsistent (" + "; ".join(problems) + "): used "
+              "for this process only, NOT cached. " + hp.remeasure_hint(device), file=sys.stderr)
         return fitted
     path = hp.cache_path(device)
     path.parent.mkdir(parents=True, exist_ok=True)

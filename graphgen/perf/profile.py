@@ -285,9 +285,18 @@ def load_or_measure_record(device: str = "cpu", offload_dir: Optional[str] = Non
     if _usable(record, offload_dir, quick):
         return record
     record = measure_and_cache(device, offload_dir, quick)
-    if not record["meta"]["cached"]:  # not kept on disk; kept for this process, not measured twice
-        _THIS_RUN[here] = record
+    keep_for_this_run(record, device)
     return record
+
+
+def keep_for_this_run(record: Dict[str, object], device: str) -> None:
+    """A profile not cached on disk is kept for this process (not measured twice); a cached one
+    replaces what this process kept."""
+    here = (device, record["meta"]["offload_dir"])
+    if record["meta"].get("cached", True):
+        _THIS_RUN.pop(here, None)
+    else:
+        _THIS_RUN[here] = record
 
 
 _THIS_RUN: Dict[Tuple[str, str], Dict[str, object]] = {}
