@@ -62,6 +62,14 @@ CASES: Dict[str, tuple] = {
                         ["model=opt-125m", "policy.percent=[100,0,0,0,100,0]", "policy.cpu_attention=true",
                          "policy.gpu_batch_size=32", "policy.num_gpu_batches=2", "workload.prompt_len=128",
                          "workload.gen_len=32"]),
+    # decode-heavy, in memory: every step streams the 2.6 GB of weights, which memory bandwidth bounds
+    # at batch 16 (16 FLOPs per weight byte) and nearly so at 64
+    "opt-1.3b-dec16": ("in memory, decode-heavy", ["model=opt-1.3b", "policy=all-device", "policy.gpu_batch_size=16",
+                                                   "policy.num_gpu_batches=1", "workload.prompt_len=32",
+                                                   "workload.gen_len=64"]),
+    "opt-1.3b-dec64": ("in memory, decode-heavy", ["model=opt-1.3b", "policy=all-device", "policy.gpu_batch_size=64",
+                                                   "policy.num_gpu_batches=1", "workload.prompt_len=32",
+                                                   "workload.gen_len=64"]),
 }
 
 
@@ -94,7 +102,7 @@ def row(name: str, what: str, st: Dict, pr) -> str:
     err = pred["total"] / st["total_tok_s"] - 1
     return (f"{name:<16} {what[:38]:<38} {st['prefill_tok_s']:8.1f} {pred['prefill']:8.1f}   "
             f"{st['decode_tok_s']:7.2f} {pred['decode']:7.2f}   {st['total_tok_s']:7.2f} {pred['total']:7.2f}  "
-            f"{err:+6.1%}  {st['spread']:6.0%}   {pr.bottleneck}")
+            f"{err:+6.1%}  {st['spread']:6.0%}   {pr.bottleneck}; load {os.getloadavg()[0]:.1f}")
 
 
 HEADER = (f"{'case':<16} {'placement':<38} {'prefill tok/s':>17}   {'decode tok/s':>15}   "
@@ -224,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--calibrate", choices=("no", "once", "each"), default="once",
                     help="fit the profile to probe runs (python -m graphgen.perf.calibrate) first, or before each case")
     args = ap.parse_args(argv)
-    print(f"{machine()}; {high_priority()}")
+    print(f"{machine()}; {high_priority()}")  # machine() has the load average: other agents share the cores
     if args.calibrate == "once":
         recalibrate()
     profile = hardware_profile(compose(BASE))

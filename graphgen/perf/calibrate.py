@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from bisect import bisect_left
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,7 +38,7 @@ from scipy.optimize import nnls
 from ..api import LLM
 from ..config import compose
 from ..costs import kv_slice_bytes
-from . import profile as hp
+from . import checks, profile as hp
 from .costmodel import attention_flops
 
 # probe jobs: (model conf, overrides); two decoder blocks keep dummy weights and runs short
@@ -208,7 +209,15 @@ def calibrate(dtype: str = "bfloat16", offload_dir: Optional[str] = None, device
     fitted, quality = fit(runs, dtype)
     record["profile"].update(fitted, calibrated=1.0)
     record["meta"]["calibration"] = {"runs": [r["name"] for r in runs], "fit": quality, "dtype": dtype}
+    problems = checks.check_profile(record["profile"])
+    record["meta"].update(cached=not problems, problems=problems)  # the fit replaces the probes it checks
+    hp.keep_for_this_run(record, device)
+    if problems:  # never cache a bad measurement
+        print("graphgen: WARNING: the calibrated profile is inconsistent (" + "; ".join(problems) + "): used "
+              "for this process only, NOT cached. " + hp.remeasure_hint(device), file=sys.stderr)
+        return fitted
     path = hp.cache_path(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)

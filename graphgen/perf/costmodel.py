@@ -100,8 +100,33 @@ class CostModel:
         for k in (key,) + fallbacks:
             if self.p.get(k):
                 return float(self.p[k])
+        have = self.dtypes()
+        if key.endswith(self.dtype) and have and self.dtype not in have:  # a profile of another dtype
+            raise ValueError(f"hardware.profile has no {key!r}: it prices compute in {' and '.join(have)} "
+                             f"only; set model.dtype={have[0]} (model.dtype={self.dtype} now)")
         raise ValueError(f"hardware.profile has no {key!r} (nor {', '.join(fallbacks) or 'a fallback'}); "
-                         f"re-measure with hardware=auto")
+                         f"re-measure with hardware=auto (python -m graphgen.perf.profile --refresh)")
+
+    def dtypes(self) -> List[str]:
+        """The compute dtypes the profile has matmul rates for."""
+        return sorted(k[len("device_flops_"):] for k in self.p
+                      if k.startswith("device_flops_") and not k.startswith("device_flops_decode_"))
+
+    def mem_bw(self, where: str = "device") -> float:
+        """Bytes/s a kernel streams from the memory it computes in: device_mem_bw on the device,
+        host_mem_bw on the host (one memory on a CPU-only machine); 0 where the profile has none."""
+        if where == "host" and not self.same_memory:
+            return self.opt("host_mem_bw")
+        return self.opt("device_mem_bw") or (self.opt("host_mem_bw") if self.same_memory else 0.0)
+
+    def put(self, out: Dict[str, float], part: str, seconds: float, nbytes: float, where: str = "device") -> None:
+        """out[part] = the slower of a kernel's arithmetic (`seconds`) and streaming `nbytes` through
+        the memory where it runs; named '<part>, memory-bound' when the bytes are the slower."""
+        bw = self.mem_bw(where)
+        if bw and nbytes and nbytes / bw > seconds:
+            out[f"{part}, memory-bound"] = nbytes / bw
+        else:
+            out[part] = seconds
 
     def opt(self, key: str, default: float = 0.0) -> float:
         """An optional refinement: its value, or `default` where the profile does not have it."""
@@ -127,16 +152,18 @@ class CostModel:
         if a["step_kind"] == "prefill":
             # the head only reads the last position: one row per sequence, priced like decode; a
             # fitted profile also streams every matmul square's weights once (small prompts)
-            out["matmul"] = (self.decode_matmul_s(mm, a) if a["kind"] == "head" else
-                             mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a))
+            self.put(out, "matmul", self.decode_matmul_s(mm, a) if a["kind"] == "head" else
+                     mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a), self.weights_read(mm, a))
             if attn_flops:
-                out["attention"] = attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}")
+                dense = kv_dense or a["kv_read"] + a["kv_write"]
+                self.put(out, "attention", attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}"),
+                         dense)
             return out
-        out["matmul"] = self.decode_matmul_s(mm, a)
+        self.put(out, "matmul", self.decode_matmul_s(mm, a), self.weights_read(mm, a))
         if a["kind"] == "attn":
             where = "host" if a.get("attn_device") == "host" else "device"
             dense = kv_dense or a["kv_read"] + a["kv_write"]
-            out[f"attention ({where})"] = dense / self.attention_bw(where, batch, hidden)
+            self.put(out, f"attention ({where})", dense / self.attention_bw(where, batch, hidden), dense, where)
             if a.get("kv_compressed") and self.p.get("dequant_bw"):
                 out["dequant"] = out.get("dequant", 0.0) + dense / self.p["dequant_bw"]
         return out
@@ -155,6 +182,11 @@ class CostModel:
             w = a.get("w_work_bytes", a["w_bytes"]) / bw
             t = t + w if self.p.get("calibrated") else max(t, w)
         return t
+
+    @staticmethod
+    def weights_read(flops: float, a: dict) -> float:
+        """Bytes of weights a matmul part reads: the layer's (its dense working copy when compressed)."""
+        return a.get("w_work_bytes", a["w_bytes"]) if flops else 0.0
 
     def streamed_s(self, flops: float, a: dict) -> float:
         """A fitted profile's weight-streaming term of a prefill matmul (absent otherwise)."""
@@ -182,8 +214,7 @@ class CostModel:
             return 0.0
         t = 0.0
         if "disk" in (src, dst):
-            key = "disk_read_bw" if src == "disk" else ("disk_write_cache_bw" if cache else "disk_write_bw")
-            t += nbytes / self.rate(key, "disk_write_bw") + self.disk_latency(write=src != "disk")
+            t += nbytes / self.disk_bw(src == "disk", cache) + self.disk_latency(write=src != "disk")
         if "device" in (src, dst) and not self.same_memory:  # PCIe
             t += nbytes / (self.rate("h2d_bw") if dst == "device" else
                            self.rate("d2h_cache_bw", "d2h_bw") if cache else self.rate("d2h_bw"))
@@ -196,6 +227,12 @@ class CostModel:
                              "stages (and optionally net_latency_s): set them for your interconnect, e.g. "
                              "+hardware.profile.net_bw=1.25e9 for 10 Gbit/s (docs/distributed.md)")
         return nbytes / float(self.p["net_bw"]) + self.opt("net_latency_s")
+
+    def disk_bw(self, read: bool, cache: bool = False) -> float:
+        """Disk bytes/s of reads or writes; the KV cache's at its own rate where the profile has one."""
+        if read:
+            return self.rate("disk_read_cache_bw", "disk_read_bw") if cache else self.rate("disk_read_bw")
+        return self.rate("disk_write_cache_bw", "disk_write_bw") if cache else self.rate("disk_write_bw")
 
     def io_s(self, b: dict) -> float:
         """A load or store op: its link (compressed weights move compressed; the square that uses

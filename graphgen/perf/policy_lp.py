@@ -93,7 +93,7 @@ class Problem:
         self.d2h = 0.0 if same else 1 / m.rate("d2h_bw")
         self.d2h_kv = 0.0 if same else 1 / m.rate("d2h_cache_bw", "d2h_bw")
         self.same_memory = same
-        self.dr = 1 / m.rate("disk_read_bw")
+        self.dr, self.dr_kv = 1 / m.disk_bw(read=True), 1 / m.disk_bw(read=True, cache=True)
         self.dw, self.dw_kv = 1 / m.rate("disk_write_bw"), 1 / m.rate("disk_write_cache_bw", "disk_write_bw")
         self.dequant = 1 / profile["dequant_bw"] if profile.get("dequant_bw") else 0.0
         self.latency = m.disk_latency()  # per disk request
@@ -168,7 +168,7 @@ def stream_times(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Tuple
     if kind == "attn":
         if phase == "decode":
             rd = nb * a["kv_read"]
-            load = load + var("cn") * (rd * (P.dr + (0.0 if host_attn else P.h2d)) + nb * lat) + var("cc") * (
+            load = load + var("cn") * (rd * (P.dr_kv + (0.0 if host_attn else P.h2d)) + nb * lat) + var("cc") * (
                 0.0 if host_attn else rd * P.h2d)
         wr = nb * a["kv_write"]
         d2h = 0.0 if host_attn else P.d2h_kv

@@ -192,7 +192,8 @@ def square_overhead_s(device: torch.device, dtype: torch.dtype, repeats: int = 5
     sync, mlp = _sync_fn(device), (lambda: spec.mlp(wm, h))
     for _ in range(3):  # first calls of new shapes build kernels (oneDNN, cuBLAS): not per square
         attn(), mlp()
-    return (_bench(attn, sync, repeats) + _bench(mlp, sync, repeats)) / 2
+    # each try short (0.3 s a probe): graphgen.perf.checks repeats this step and keeps the median
+    return (_bench(attn, sync, repeats, budget=0.3) + _bench(mlp, sync, repeats, budget=0.3)) / 2
 
 
 def dequant_bw(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
@@ -204,12 +205,62 @@ def dequant_bw(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 
 
 
 def executor_profile(device: torch.device, shapes: Shapes, quick: bool, repeats: int) -> Dict[str, float]:
+    """Weight streaming of decode matmuls per dtype, and dequantisation (a square's fixed cost is
+    its own step: it is the noisiest probe, repeated, see graphgen.perf.checks)."""
     _, k, n = shapes.mm_decode
     out = {f"device_mm_bw_{_dtype_name(dt)}": weight_stream_bw(device, dt, (k, n), (64 if quick else 256) << 20,
                                                               repeats) for dt in _dtypes(device)}
-    default = torch.float16 if device.type == "cuda" else torch.bfloat16
-    out["compute_overhead_s"] = square_overhead_s(device, default, repeats)
-    out["dequant_bw"] = dequant_bw(device, default, 1024 if quick else 4096, repeats)
+    out["dequant_bw"] = dequant_bw(device, default_dtype(device), 1024 if quick else 4096, repeats)
+    return out
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def memory_read_bw(device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s a kernel reads from the device's memory: a float32 sum over a buffer larger than the
+    caches (vectorised, every byte read once, nothing written back)."""
+    x = _filled((nbytes // 4,), torch.float32, device)
+    return x.nbytes / _bench(lambda: x.sum(), _sync_fn(device), repeats)
+
+
+def memory_profile(device: torch.device, nbytes: int, repeats: int) -> Dict[str, float]:
+    """device_mem_bw and host_mem_bw (one memory, one figure, on a CPU-only machine)."""
+    out = {"device_mem_bw": memory_read_bw(device, nbytes, repeats)}
+    cpu = device.type != "cuda"
+    out["host_mem_bw"] = out["device_mem_bw"] if cpu else memory_read_bw(torch.device("cpu"), nbytes, repeats)
+    return out
+
+
+Step = Tuple[str, Callable[[], Dict[str, float]]]
+
+
+def probe_steps(device: torch.device, quick: bool, offload_dir: str) -> List[Step]:
+    """What a profile measures, in order: (what it times, a call returning its keys)."""
+    shapes, repeats, cpu = SHAPES[(device.type, quick)], 3 if quick else 5, torch.device("cpu")
+    steps = [("matmuls and attention on the device", lambda: device_compute(device, shapes, repeats))]
+    if device.type == "cuda":
+        steps.append(("matmuls and attention on the host CPU",
+                      lambda: _compute_profile("cpu", cpu, SHAPES[("cpu", quick)], repeats)))
+    return steps + [
+        (MEMORY, lambda: memory_profile(device, (64 if quick else 256) << 20, repeats)),  # beyond the caches
+        ("host <-> device copies", lambda: _link_profile(device, shapes.copy_bytes, repeats)),
+        ("weight streaming and dequantisation", lambda: executor_profile(device, shapes, quick, repeats)),
+        (OVERHEAD, lambda: {"compute_overhead_s": square_overhead_s(device, default_dtype(device), repeats)}),
+        (f"disk reads and writes in {offload_dir}", lambda: disk_bw(offload_dir, shapes.disk_bytes, 2 if quick else 3)),
+        (LATENCY, lambda: {"disk_latency_s": disk_latency(offload_dir)}),
+    ]
+
+
+MEMORY, OVERHEAD, LATENCY = "memory bandwidth", "a square's fixed cost", "disk request latency"
+
+
+def device_compute(device: torch.device, shapes: Shapes, repeats: int) -> Dict[str, float]:
+    out = _compute_profile("device", device, shapes, repeats)
+    if device.type == "cpu":  # the host CPU *is* the device
+        out.update({k.replace("device_", "cpu_", 1): v for k, v in out.items()
+                    if k.startswith(("device_flops", "device_attn"))})
     return out
 
 

@@ -1,8 +1,10 @@
 """Hardware profiler: measures the constants the cost model needs and caches them per host.
 
-`measure()` times the primitives a FlexGen-style schedule is made of: matmuls shaped like
-LLM layers (prefill: many tokens; decode: one token per sequence), attention, host<->device
-copies and sequential disk I/O that bypasses the page cache. The result is a flat
+`measure()` times the primitives a FlexGen-style schedule is made of (graphgen.perf.probes):
+matmuls shaped like LLM layers (prefill: many tokens; decode: one token per sequence), attention,
+memory bandwidth, host<->device copies and sequential disk I/O that bypasses the page cache,
+saying each step as it goes; noisy probes are repeated and the result checked for consistency
+(graphgen.perf.checks), and an inconsistent profile is used for the run but never cached. The result is a flat
 `{key: float}` dict (keys and units in PROFILE_KEYS), the same shape as
 `HardwareConfig.profile`, so a measured profile and a published one (conf/hardware/
 t4-flexgen.yaml) are interchangeable. `load_or_measure()` caches it as JSON under
@@ -17,17 +19,19 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from executors.offload_dir import default_offload_dir  # the runtime owns the rule
 
-from .probes import SHAPES, _compute_profile, _link_profile, disk_bw, disk_latency, executor_profile
+from . import checks
+from .probes import probe_steps
 
-VERSION = 3  # bump when keys or methods change: cached profiles of another version are re-measured
+VERSION = 4  # bump when keys or methods change: cached profiles of another version are re-measured
 
 PROFILE_KEYS: Dict[str, str] = {
     # matmul (B*s, H) x (H, 4H): one per dtype the device computes in
@@ -59,6 +63,10 @@ PROFILE_KEYS: Dict[str, str] = {
     "disk_o_direct": "1 if the disk figures used O_DIRECT, 0 if buffered I/O + fsync + "
                      "posix_fadvise(DONTNEED) (or no bypass at all where fadvise is missing) (flag)",
     "device_is_host": "1 if there is no separate device (CPU-only): h2d/d2h are memcpy (flag)",
+    # memory levels: every compute part is priced no faster than streaming its bytes through them
+    "device_mem_bw": "bytes/s a kernel on the compute device reads from its memory: a sum over a buffer "
+                     "larger than the caches (CPU-only: the same memory as host_mem_bw) (bytes/s)",
+    "host_mem_bw": "bytes/s a kernel on the host CPU reads from RAM, as device_mem_bw (bytes/s)",
     # executor-level costs (graphgen.perf.costmodel treats each as absent = free)
     "device_mm_bw_<dtype>": "weight bytes/s a decode matmul (8, H) x (H, 4H) streams (8 sequences, one "
                             "token each), weights cycling over a set larger than the caches: the floor of a "
@@ -79,6 +87,7 @@ PROFILE_KEYS: Dict[str, str] = {
                     "activations (bytes/s; FlexGen gtoc_bdw_cache; else d2h_bw)",
     "disk_write_latency_s": "optional: seconds per disk write request, fitted by graphgen.perf.calibrate "
                             "(the cache's slice writes are buffered; else disk_latency_s)",
+    "disk_read_cache_bw": "optional: disk -> host read of KV cache (bytes/s; else disk_read_bw)",
     "disk_write_cache_bw": "optional: host -> disk write of prefill KV cache "
                            "(bytes/s; FlexGen ctod_bdw_cache_p; else disk_write_bw)",
     "cpu_attn_c1": "optional: FlexGen's fitted correction of cpu_attn_bw for small GPU batches gbs and "
@@ -117,23 +126,45 @@ def detect_memory(device: str = "cpu", offload_dir: Optional[str] = None) -> Dic
             "disk_free": shutil.disk_usage(disk).free}
 
 
-def measure(device: str = "cpu", offload_dir: Optional[str] = None,
-            quick: bool = False) -> Dict[str, float]:
-    """Measure every key of PROFILE_KEYS that this machine has (~15-20 s; quick: ~3 s)."""
-    dev = _resolve(device)
-    shapes = SHAPES[(dev.type, quick)]
-    repeats = 3 if quick else 5
-    out = _compute_profile("device", dev, shapes, repeats)
-    if dev.type == "cpu":  # the host CPU *is* the device
-        out.update({k.replace("device_", "cpu_", 1): v for k, v in out.items()
-                    if k.startswith(("device_flops", "device_attn"))})
-    else:
-        out.update(_compute_profile("cpu", torch.device("cpu"), SHAPES[("cpu", quick)], repeats))
-    out.update(_link_profile(dev, shapes.copy_bytes, repeats))
-    out.update(executor_profile(dev, shapes, quick, repeats))
-    out.update(disk_bw(offload_dir or default_offload_dir(), shapes.disk_bytes, 2 if quick else 3))
-    out["disk_latency_s"] = disk_latency(offload_dir or default_offload_dir())
-    return dict(sorted(out.items()))
+Say = Callable[[str], None]
+
+
+def stderr_say(msg: str) -> None:
+    """Progress of a measurement, on stderr (stdout may carry a JSON report)."""
+    print(f"graphgen: {msg}", file=sys.stderr, flush=True)
+
+
+def measure(device: str = "cpu", offload_dir: Optional[str] = None, quick: bool = False,
+            say: Optional[Say] = None) -> Dict[str, float]:
+    """Measure every key of PROFILE_KEYS that this machine has (~25 s idle; quick: ~6 s)."""
+    return measure_record(device, offload_dir, quick, say)["profile"]
+
+
+def measure_record(device: str = "cpu", offload_dir: Optional[str] = None, quick: bool = False,
+                   say: Optional[Say] = None) -> Dict[str, object]:
+    """{'profile', 'problems', 'tries'}: every probe step, the noisy ones checks.TRIES times (median
+    kept, more tries while they disagree); then check_profile, the steps a problem names measured
+    once more; the problems left stand."""
+    say = say or (lambda msg: None)
+    steps = probe_steps(_resolve(device), quick, offload_dir or default_offload_dir())
+    out, tries, keys = {}, {}, {}
+    for i, (what, fn) in enumerate(steps, 1):
+        say(f"measuring {what} ({i}/{len(steps)})")
+        t0 = time.perf_counter()
+        runs = checks.settle([fn() for _ in range(checks.TRIES)], fn) if what in checks.NOISY else [fn()]
+        out.update(checks.median(runs))
+        keys[what] = list(runs[0])
+        if what in checks.NOISY:
+            tries.update({k: [r[k] for r in runs] for k in runs[0]})
+        say(f"  {what}: {time.perf_counter() - t0:.1f} s")
+    problems = checks.check_profile(out)
+    if problems:
+        say("inconsistent, measuring again: " + "; ".join(problems))
+        for what, fn in steps:
+            if checks.implicated(problems, keys[what]):
+                out.update(checks.median([fn() for _ in range(checks.TRIES)]))
+        problems = checks.check_profile(out)
+    return {"profile": dict(sorted(out.items())), "problems": problems, "tries": tries}
 
 
 # ---------------------------------------------------------------- cache
@@ -191,23 +222,39 @@ def _meta(device: str, offload_dir: str, quick: bool, seconds: float,
         "links": ("memcpy: no separate device, h2d/d2h = host RAM copy"
                   if profile.get("device_is_host") else "pinned host <-> device copies"),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 2),
+        "load_average": round(os.getloadavg()[0], 2),  # other processes slow every probe down
     }
 
 
-def measure_and_cache(device: str = "cpu", offload_dir: Optional[str] = None,
-                      quick: bool = False) -> Dict[str, object]:
-    """Measure, write the cache file atomically, return {'profile': ..., 'meta': ...}."""
+def measure_and_cache(device: str = "cpu", offload_dir: Optional[str] = None, quick: bool = False,
+                      say: Optional[Say] = stderr_say) -> Dict[str, object]:
+    """Measure and write the cache file atomically, unless the measurement is inconsistent (then it
+    is returned for this run only: meta['cached'] = False); return {'profile': ..., 'meta': ...}."""
+    say = say or (lambda msg: None)
     offload_dir = offload_dir or default_offload_dir()
-    t0 = time.perf_counter()
-    profile = measure(device, offload_dir, quick)
-    record = {"profile": profile,
-              "meta": _meta(device, offload_dir, quick, time.perf_counter() - t0, profile)}
     path = cache_path(device)
+    say(f"measuring this machine for the cost model ({'~6' if quick else '~25'} s idle, more when busy; "
+        f"once: cached in {path})")
+    t0 = time.perf_counter()
+    m = measure_record(device, offload_dir, quick, say)
+    meta = _meta(device, offload_dir, quick, time.perf_counter() - t0, m["profile"])
+    meta.update(tries=m["tries"], problems=m["problems"], cached=not m["problems"])
+    record = {"profile": m["profile"], "meta": meta}
+    if m["problems"]:
+        say("WARNING: the measurement is inconsistent (" + "; ".join(m["problems"]) + "), probably "
+            f"disturbed by other load: used for this run only, NOT cached. {remeasure_hint(device)}")
+        return record
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
+    say(f"measured in {meta['seconds']} s (load average {meta['load_average']}), cached in {path}")
     return record
+
+
+def remeasure_hint(device: str = "cpu") -> str:
+    return (f"Re-measure on a quieter machine with `python -m graphgen.perf.profile --refresh --device "
+            f"{device}` (cache: {cache_path(device)})")
 
 
 def load_cached(device: str = "cpu") -> Optional[Dict[str, object]]:
@@ -233,10 +280,26 @@ def _usable(record: Optional[Dict[str, object]], offload_dir: str, quick: bool) 
 def load_or_measure_record(device: str = "cpu", offload_dir: Optional[str] = None,
                            refresh: bool = False, quick: bool = False) -> Dict[str, object]:
     offload_dir = offload_dir or default_offload_dir()
-    record = None if refresh else load_cached(device)
+    here = (device, os.path.realpath(offload_dir))
+    record = None if refresh else _THIS_RUN.get(here) or load_cached(device)  # this process's newest first
     if _usable(record, offload_dir, quick):
         return record
-    return measure_and_cache(device, offload_dir, quick)
+    record = measure_and_cache(device, offload_dir, quick)
+    keep_for_this_run(record, device)
+    return record
+
+
+def keep_for_this_run(record: Dict[str, object], device: str) -> None:
+    """A profile not cached on disk is kept for this process (not measured twice); a cached one
+    replaces what this process kept."""
+    here = (device, record["meta"]["offload_dir"])
+    if record["meta"].get("cached", True):
+        _THIS_RUN.pop(here, None)
+    else:
+        _THIS_RUN[here] = record
+
+
+_THIS_RUN: Dict[Tuple[str, str], Dict[str, object]] = {}
 
 
 def load_or_measure(device: str = "cpu", offload_dir: Optional[str] = None,

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ..config import format_bytes
+from ..perf.checks import prediction_warning
+from ..perf.profile import remeasure_hint
 from ..perf.simulate import predict
 
 
@@ -102,12 +104,21 @@ def link_line(link: str, nbytes: int, st: Dict) -> str:
 
 
 def add_prediction(st: Dict, cfg, graph) -> None:
-    """The cost model's prediction and bound for this graph, when hardware.profile is configured
-    (an empty profile would mean measuring the machine: not done behind a run's back)."""
-    if not cfg.hardware.profile or graph is None:
+    """The cost model's prediction and bound for this graph, when hardware.profile is configured or
+    hardware=auto (measured once, then cached; another empty profile is not measured behind a run's
+    back); a warning on stderr (and in the report) when the run is more than 2x off its prediction."""
+    hw = cfg.hardware
+    if graph is None or not (hw.profile or hw.name == "auto"):
         return
     pr = predict(cfg, graph)
     st.update(predicted_tok_s=pr.total_tok_s, bound_tok_s=pr.bound_tok_s, bottleneck=pr.bottleneck)
+    fix = (f"hardware={hw.name}'s profile describes another machine; for this one use hardware=auto"
+           if hw.profile else f"the cached profile of this machine is stale or was measured under other load. "
+           f"{remeasure_hint(hw.device)}")
+    warning = prediction_warning(st.get("total_tok_s", 0.0), pr.total_tok_s, fix)
+    if warning:
+        st["prediction_warning"] = warning
+        print(f"graphgen: warning: {warning}", file=sys.stderr)
 
 
 def to_json(st: Dict) -> str:
