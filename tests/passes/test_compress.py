@@ -222,7 +222,7 @@ def test_compressed_weights_match_hf_with_dequantised_weights(peaked_ckpt, offlo
         want = fake.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
         plain = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     out, _ = generate(peaked_ckpt, offload_dir, f"policy.compress_weight.bits={bits}", ALL_HOST,
-                      f"policy.compress_weight.group_dim={group_dim}", n=6, gen=8)
+                      f"policy.compress_weight.group_dim={group_dim}", "executor.packed_weights=false", n=6, gen=8)
     assert torch.equal(out, want)
     assert not torch.equal(plain, want)
 

@@ -1,0 +1,131 @@
+"""Compressed weights computed on as they are (CPU): no dense copy of a layer per run.
+
+On a CPU device a compressed layer's matrices are kept in the format of torch's packed kernels,
+and the model's F.linear / F.embedding calls run on them (PackedWeight.__torch_function__):
+- 4-bit: graphgen's group-wise scheme (FlexGen's: per group of the input dim a min and a scale,
+  codes 0..15; executors/quant.py), its codes repacked by _convert_weight_to_int4pack_for_cpu and
+  its (scale, min + 8 * scale) pairs as the kernel's scales_and_zeros [K / G, N, 2]: computed by
+  _weight_int4pack_mm_for_cpu. The zero point min + 8 * scale is rounded to bfloat16 once.
+- 8-bit: per-output-channel symmetric int8 (the kernel's scheme, not group-wise), computed by
+  _weight_int8pack_mm.
+- the embedding layer keeps graphgen's group-wise format and dequantises only the rows looked up.
+Stored bytes: 4-bit exactly graphgen's; 8-bit N*K + 2N (under the group-wise size the plan counts).
+A layer is packed when all its compressed matrices fit the kernels (4-bit: groups of 32..256 along
+the input dim that divide it, N a multiple of 16); otherwise it takes the dequantising path
+(executors/compressed.py), as does every layer with executor.packed_weights=false or on a GPU.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from graphgen.costs import is_compressed
+
+from .quant import QTensor, _unpack, dequantize, quantize
+
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu takes
+
+
+def packable(layer, comp) -> bool:
+    """Whether every compressed matrix of `layer` has a kernel format (see the module docstring)."""
+    if comp is None:
+        return False
+    bits, gs, gd = comp
+    for w in layer.weights:
+        if not is_compressed(w):
+            continue
+        if len(w.shape) != 2 or gd % 2 != 1:  # groups must run along the input (last) dim
+            return False
+        if layer.kind != "embed" and bits == 4 and (gs not in INT4_GROUPS or w.shape[1] % gs or w.shape[0] % 16):
+            return False
+    return True
+
+
+def pack(layer, w, x: torch.Tensor, comp) -> Dict[str, torch.Tensor]:
+    """A float32 matrix [N, K] -> its stored parts {name@part: tensor}."""
+    bits, gs, gd = comp
+    if layer.kind == "embed":  # graphgen's format; rows are dequantised where looked up
+        q = quantize(x, bits, gs, gd)
+        return {f"{w.name}@data": q.data, f"{w.name}@mins": q.mins, f"{w.name}@scales": q.scales}
+    if bits == 8:
+        scale = (x.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        scale = _round_up(scale, torch.bfloat16)
+        codes = (x / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        return {f"{w.name}@int8": codes, f"{w.name}@scale": scale}
+    q = quantize(x, 4, gs, gd)  # data [N, K/G, G/2], mins / scales [N, K/G, 1]
+    N, K = x.shape
+    codes = _unpack(q.data, 1, 4).reshape(N, K).to(torch.int32)
+    scale, mn = q.scales.float()[..., 0], q.mins.float()[..., 0]  # [N, K/G]
+    sz = torch.stack([scale, mn + 8 * scale], -1).transpose(0, 1).contiguous()  # [K/G, N, 2]
+    return {f"{w.name}@int4": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+            f"{w.name}@sz": sz.to(torch.bfloat16)}
+
+
+def wrap(layer, value: Dict[str, torch.Tensor], comp, dtype: torch.dtype) -> Dict[str, object]:
+    """The stored parts of a packed layer -> {name: tensor or PackedWeight}, for the model's compute."""
+    out: Dict[str, object] = {}
+    for w in layer.weights:
+        if not is_compressed(w):
+            out[w.name] = value[w.name]
+        elif f"{w.name}@int4" in value:
+            out[w.name] = PackedWeight("int4", w.shape, dtype, value[f"{w.name}@int4"], value[f"{w.name}@sz"], comp[1])
+        elif f"{w.name}@int8" in value:
+            out[w.name] = PackedWeight("int8", w.shape, dtype, value[f"{w.name}@int8"], value[f"{w.name}@scale"])
+        else:
+            q = QTensor(value[f"{w.name}@data"], value[f"{w.name}@mins"], value[f"{w.name}@scales"],
+                        tuple(w.shape), dtype, comp[0], comp[1], comp[2] % 2)
+            out[w.name] = PackedWeight("group", w.shape, dtype, q)
+    return out
+
+
+class PackedWeight:
+    """A compressed matrix [N, K] that F.linear and F.embedding compute on without a dense copy."""
+
+    def __init__(self, kind: str, shape, dtype: torch.dtype, a, b=None, group: int = 0):
+        self.kind, self.shape, self.dtype, self.a, self.b, self.group = kind, tuple(shape), dtype, a, b, group
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return args[1].linear(args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
+        if func is F.embedding and not kwargs and len(args) == 2:
+            return args[1].rows(args[0])
+        args = [a.dense() if isinstance(a, PackedWeight) else a for a in args]  # anything else: dense
+        return func(*args, **kwargs)
+
+    def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [..., K] -> [..., N]."""
+        if self.kind == "group":
+            return F.linear(x, self.dense(), bias)
+        x2 = x.reshape(-1, self.shape[1])
+        if self.kind == "int4":  # the kernel wants its scales in the input's dtype
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.a, self.group, self.b.to(x.dtype))
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.a, self.b.to(x.dtype))
+        y = y.view(*x.shape[:-1], self.shape[0])
+        return y if bias is None else y + bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """F.embedding: ids [...] -> [..., K], dequantising the rows looked up only."""
+        if self.kind != "group":
+            return F.embedding(ids, self.dense())
+        flat = ids.reshape(-1)
+        q = self.a
+        sub = QTensor(q.data[flat], q.mins[flat], q.scales[flat], (flat.numel(), self.shape[1]), self.dtype,
+                      q.bits, q.group_size, q.group_dim)
+        return dequantize(sub, self.dtype).view(*ids.shape, self.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """The whole matrix in the compute dtype (a fallback: ops other than linear / embedding)."""
+        if self.kind == "group":
+            return dequantize(self.a, self.dtype)
+        eye = torch.eye(self.shape[1], dtype=self.dtype)
+        return self.linear(eye, None).t().contiguous()
+
+
+def _round_up(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    r = v.to(dtype)
+    return torch.where(r.float() < v, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
