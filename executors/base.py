@@ -107,8 +107,11 @@ class Executor:
                 if kernel:
                     self.packed_layers.add(j)
             else:
-                tier.put(("w", j), {w.name: self.to_tier(self.source.get(w, self.dtype), tier)
-                                    for w in layer.weights})
+                value = {w.name: self.to_tier(self.source.get(w, self.dtype), tier) for w in layer.weights}
+                if self.packed_ok and homes[j] == "device" and packed.can_prepack(layer, self.dtype):
+                    value = packed.prepack(layer, value, graph.graph["shape"].batch)
+                    self.packed_layers.add(j)
+                tier.put(("w", j), value)
         self.w_homes, self.w_comps = homes, comps
         self.source.close()  # unmap the checkpoint files read (reopened if weights move again)
 

@@ -9,6 +9,9 @@ and the model's F.linear / F.embedding calls run on them (PackedWeight.__torch_f
 - 8-bit: per-output-channel symmetric int8 (the kernel's scheme, not group-wise), computed by
   _weight_int8pack_mm.
 - the embedding layer keeps graphgen's group-wise format and dequantises only the rows looked up.
+Dense bf16 layers that live on the (CPU) device are reordered once into oneDNN's blocked layout
+(prepack) and computed by mkldnn._linear_pointwise: F.linear would reorder them on every call.
+Its results are bit-identical to F.linear's (float32 layers are never prepacked: exactness).
 Stored bytes: 4-bit exactly graphgen's; 8-bit N*K + 2N (under the group-wise size the plan counts).
 A layer is packed when all its compressed matrices fit the kernels (4-bit: groups of 32..256 along
 the input dim that divide it, N a multiple of 16); otherwise it takes the dequantising path
@@ -63,11 +66,24 @@ def pack(layer, w, x: torch.Tensor, comp) -> Dict[str, torch.Tensor]:
             f"{w.name}@sz": sz.to(torch.bfloat16)}
 
 
+def prepack(layer, value: Dict[str, torch.Tensor], batch: int) -> Dict[str, torch.Tensor]:
+    """A dense bf16 layer's matrices reordered once into oneDNN's blocked layout (no per-call reorder)."""
+    return {n: torch.ops.mkldnn._reorder_linear_weight(t, batch) if t.dim() == 2 else t for n, t in value.items()}
+
+
+def can_prepack(layer, dtype: torch.dtype) -> bool:
+    """bf16 layers used through F.linear (not the embedding's lookups), where torch has oneDNN."""
+    return dtype == torch.bfloat16 and layer.kind != "embed" and torch.backends.mkldnn.is_available()
+
+
 def wrap(layer, value: Dict[str, torch.Tensor], comp, dtype: torch.dtype) -> Dict[str, object]:
     """The stored parts of a packed layer -> {name: tensor or PackedWeight}, for the model's compute."""
     out: Dict[str, object] = {}
     for w in layer.weights:
-        if not is_compressed(w):
+        v = value.get(w.name)
+        if v is not None and v.layout == torch._mkldnn:
+            out[w.name] = PackedWeight("onednn", w.shape, dtype, v)
+        elif not is_compressed(w) or comp is None:
             out[w.name] = value[w.name]
         elif f"{w.name}@int4" in value:
             out[w.name] = PackedWeight("int4", w.shape, dtype, value[f"{w.name}@int4"], value[f"{w.name}@sz"], comp[1])
@@ -100,6 +116,8 @@ class PackedWeight:
         """x [..., K] -> [..., N]."""
         if self.kind == "group":
             return F.linear(x, self.dense(), bias)
+        if self.kind == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.a, bias, "none", [], "")
         x2 = x.reshape(-1, self.shape[1])
         if self.kind == "int4":  # the kernel wants its scales in the input's dtype
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.a, self.group, self.b.to(x.dtype))

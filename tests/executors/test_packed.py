@@ -113,3 +113,17 @@ def test_async_identical_and_false_switch_dequantises(llama16):
     assert torch.equal(out, ref)
     _, ex, _, _ = run(path, "policy.compress_weight.bits=4", "executor.packed_weights=false")
     assert not ex.packed_layers and ex.stats["dequantize_s"] > 0
+
+
+def test_prepacked_bf16_layers_are_bit_identical_to_f_linear(llama16):
+    """Dense bf16 weights on the device are reordered once for oneDNN; outputs do not change."""
+    path, _ = llama16
+    ids, mask = left_padded_batch(5)
+    outs = []
+    for on in ("true", "false"):
+        with LLM(str(path), ["model.dtype=bfloat16", "policy.gpu_batch_size=5", "policy.num_gpu_batches=1",
+                             f"executor.packed_weights={on}"]) as llm:
+            outs.append(llm.generate(ids, attention_mask=mask, max_new_tokens=6))
+            layers = llm.executor.packed_layers
+            assert layers == (set(range(1, len(llm.spec.layers))) if on == "true" else set())  # not the embedding
+    assert torch.equal(*outs)
