@@ -100,16 +100,25 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
                      scale: Optional[float]) -> torch.Tensor:
     """q [B, nh, 1, d], k/v [B, nkv, L, d] (views: each head's [L, d] contiguous), bias None or
     [B, 1 | nh, 1, L] -> ctx [B, 1, nh*d] in q's dtype. Scores, softmax and the weighted sum in
-    float32; the query heads of a KV head as one [group, d] matrix (no K/V expansion)."""
+    float32; the query heads of a KV head as one [group, d] matrix (no K/V expansion). Runs over
+    chunks of (sequence, KV head) pairs so the float32 copies of K/V stay within TEMP_BYTES."""
     B, nh, _, d = q.shape
     nkv, L = k.shape[1], k.shape[2]
     g = nh // nkv
-    kf = k.reshape(B * nkv, L, d).float()  # [B*nkv, L, d]: the one read of the prefix (a view before)
-    vf = v.reshape(B * nkv, L, d).float()
-    scores = torch.bmm(q.reshape(B * nkv, g, d).float(), kf.transpose(1, 2))  # [B*nkv, g, L]
-    scores.mul_(d ** -0.5 if scale is None else scale)
-    if bias is not None:  # [B, 1, 1, L] (padding, causal) or [B, nh, 1, L] (ALiBi)
-        per_head = bias.shape[1] > 1
-        scores.view(B, nkv, g, L).add_(bias.reshape(B, nkv, g, L) if per_head else bias.view(B, 1, 1, L))
-    probs = torch.softmax(scores, -1)
-    return torch.bmm(probs, vf).to(q.dtype).view(B, 1, nh * d)
+    scale = d ** -0.5 if scale is None else scale
+    qf = q.reshape(B * nkv, g, d).float() * scale  # a new tensor: q may be float32 already
+    ks, vs = k.reshape(B * nkv, L, d), v.reshape(B * nkv, L, d)  # views of the cache
+    if bias is not None:  # [B, 1, 1, L] (padding, causal) or [B, nh, 1, L] (ALiBi) -> [B*nkv, g | 1, L]
+        bias = bias.reshape(B * nkv, g, L) if bias.shape[1] > 1 else bias.view(B, 1, L).repeat_interleave(nkv, 0)
+    out = torch.empty(B * nkv, g, d, dtype=q.dtype, device=q.device)
+    step = max(1, TEMP_BYTES // (2 * L * d * 4))
+    for c in range(0, B * nkv, step):
+        sl = slice(c, c + step)
+        scores = torch.bmm(qf[sl], ks[sl].float().transpose(1, 2))  # [n, g, L]
+        if bias is not None:
+            scores.add_(bias[sl])
+        out[sl] = torch.bmm(torch.softmax(scores, -1), vs[sl].float())
+    return out.view(B, 1, nh * d)
+
+
+TEMP_BYTES = 32 << 20  # float32 K/V of the decode attention's chunk: cache-sized, outside the plan

@@ -24,8 +24,7 @@ from graphgen.models.weights import WeightSource
 from graphgen.sampling import Sampling, select_tokens, step_generator, token_logprobs
 
 from . import compressed as cq
-from . import memory, packed
-from .attention import AttentionGlue
+from . import attention, memory, packed
 from .disk import DiskTier, Extent
 from .disk_io import ALIGN, CHUNK
 from .tiers import Tier
@@ -201,6 +200,7 @@ class Executor:
         extra = biggest * (8 + self.dtype.itemsize)  # dummy weights: randn and its scaled copy in float32
         sh = graph.graph["shape"]  # the attention scratch, kept across squares: [2, B, nkv, S_max, d]
         extra += 2 * sh.batch * self.spec.kv_dim * sh.max_len * self.dtype.itemsize
+        extra += attention.TEMP_BYTES  # float32 K/V of a decode attention chunk
         if self.cfg.policy.compress_weight.bits or self.cfg.policy.compress_cache.bits:
             extra += temp_nbytes(self.device.type)  # quantise / dequantise scratch, one block at a time
         if self.cfg.policy.compress_weight.bits and self.work is not None:
@@ -224,7 +224,7 @@ class Executor:
         self.state = BlockState(inputs, mask.to(self.device), [[] for _ in range(nb)], [[] for _ in range(nb)])
         self.A = dict(graph.nodes(data=True))
         self.max_len = graph.graph["shape"].max_len
-        self.attn = AttentionGlue(self.spec, self.max_len)
+        self.attn = attention.AttentionGlue(self.spec, self.max_len)
         self._pos: Dict = {}  # GPU batch -> ((L, s), positions of its current step), shared by its layers
         self.alloc_caches(graph)
         if self.device.type == "cpu":  # weights read from disk reuse freed buffers (stated_overhead)

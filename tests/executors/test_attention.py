@@ -78,3 +78,14 @@ def test_decode_reads_the_cache_in_place(opt_ckpt):
     with LLM(str(path), base + ["policy.compress_cache.bits=4"]) as llm:  # compressed: dequantised into scratch
         llm.generate(ids, attention_mask=mask, max_new_tokens=4)
         assert llm.executor.attn._scratch != {}
+
+
+def test_decode_attention_in_chunks_matches_one_pass(monkeypatch):
+    """Long contexts run over chunks of (sequence, KV head) pairs: the same result."""
+    import executors.attention as attention
+
+    q, k, v = qkv(B=4, L=9)
+    bias = torch.randn(4, 6, 1, 9)
+    whole = decode_attention(q, k, v, bias, None)
+    monkeypatch.setattr(attention, "TEMP_BYTES", 2 * 9 * 8 * 4 * 3)  # 3 pairs per chunk
+    torch.testing.assert_close(decode_attention(q, k, v, bias, None), whole)
