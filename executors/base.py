@@ -69,7 +69,7 @@ class Executor:
                                        "disk": DiskTier(b["disk"], cfg.hardware.offload_dir, ex.io_threads,
                                                         ex.direct_io)}
         self.w_homes: Optional[List[str]] = None
-        self.w_comps: Optional[List] = None  # per layer: the graph's w_compressed when placed
+        self.w_comps: Optional[List] = None  # per layer: (w_compressed, w_packed) of the graph when placed
         # CPU: compressed layers computed on by packed kernels, never dequantised (executors/packed.py)
         self.packed_ok = self.device.type == "cpu" and cfg.executor.packed_weights
         self.packed_layers: set = set()
@@ -85,7 +85,8 @@ class Executor:
     def place_weights(self, graph) -> None:
         """Read each layer's weights once (tensor by tensor) into its home tier."""
         homes = self.homes(graph)
-        comps = [graph.nodes[(0, j, 0)].get("w_compressed") for j in range(graph.graph["num_layers"])]
+        comps = [(graph.nodes[(0, j, 0)].get("w_compressed"), bool(graph.nodes[(0, j, 0)].get("w_packed")))
+                 for j in range(graph.graph["num_layers"])]  # (setting, computed on packed kernels)
         if homes == self.w_homes and comps == self.w_comps:  # placed (and quantised) once per run
             return
         for j in range(len(self.w_homes or [])):
@@ -96,13 +97,13 @@ class Executor:
             if homes[j] is None:  # another pipeline stage's layer
                 continue
             tier = self.tiers[homes[j]]
-            extents = self.in_place(layer) if homes[j] == "disk" and not comps[j] else None
+            comp, kernel = comps[j]
+            extents = self.in_place(layer) if homes[j] == "disk" and not comp else None
             if extents is not None:  # already on disk in the checkpoint: read from there, not copied
                 tier.put_external(("w", j), extents, self.dtype)
-            elif comps[j]:  # quantised once here; loads move the compressed bytes
-                kernel = self.packed_ok and packed.packable(layer, comps[j])
+            elif comp:  # quantised once here; loads move the compressed bytes
                 tier.put(("w", j), {name: self.to_tier(t, tier) for name, t in cq.quantize_layer(
-                    layer, self.source, comps[j], self.dtype, self.device, kernel).items()})
+                    layer, self.source, comp, self.dtype, self.device, kernel).items()})
                 if kernel:
                     self.packed_layers.add(j)
             else:

@@ -25,25 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from graphgen.costs import is_compressed
+from graphgen.quant_format import kernel_packable
 
 from .quant import QTensor, _unpack, dequantize, quantize
 
-INT4_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu takes
-
-
-def packable(layer, comp) -> bool:
-    """Whether every compressed matrix of `layer` has a kernel format (see the module docstring)."""
-    if comp is None:
-        return False
-    bits, gs, gd = comp
-    for w in layer.weights:
-        if not is_compressed(w):
-            continue
-        if len(w.shape) != 2 or gd % 2 != 1:  # groups must run along the input (last) dim
-            return False
-        if layer.kind != "embed" and bits == 4 and (gs not in INT4_GROUPS or w.shape[1] % gs or w.shape[0] % 16):
-            return False
-    return True
+packable = kernel_packable  # the compress pass decides with the same rule (w_packed)
 
 
 def pack(layer, w, x: torch.Tensor, comp) -> Dict[str, torch.Tensor]:
