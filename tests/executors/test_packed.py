@@ -55,8 +55,9 @@ def test_int8_is_per_channel_symmetric_within_half_a_step():
     step = x.abs().amax(1, keepdim=True) / 127
     assert ((W.dense() - x).abs() <= step * 0.5 * 1.01).all()
     bias = torch.randn(40)
-    inp = torch.randn(7, 48)
-    torch.testing.assert_close(F.linear(inp, W, bias), F.linear(inp, W.dense(), bias), rtol=1e-5, atol=1e-5)
+    for rows in (7, 100):  # the kernel; above INT8_KERNEL_ROWS dequantised into one GEMM
+        inp = torch.randn(rows, 48)
+        torch.testing.assert_close(F.linear(inp, W, bias), F.linear(inp, W.dense(), bias), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_inputs_use_the_kernels_in_bf16():
