@@ -45,8 +45,9 @@ def test_int4_is_graphgens_group_scheme_on_the_kernel():
     want = dequantize(quantize(x, 4, 32, -1), torch.float32)
     # the kernel's zero point (min + 8 scale) is rounded to bfloat16 once: within that rounding
     assert (W.dense() - want).abs().max() <= 2 ** -8 * x.abs().max()
-    inp = torch.randn(5, 3, 64)
-    torch.testing.assert_close(F.linear(inp, W), F.linear(inp, W.dense()), rtol=1e-5, atol=1e-5)
+    for rows in (3, 400):  # the kernel; above INT4_KERNEL_ROWS the dense copy and one GEMM
+        inp = torch.randn(5, rows, 64)
+        torch.testing.assert_close(F.linear(inp, W), F.linear(inp, W.dense()), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_is_per_channel_symmetric_within_half_a_step():
