@@ -95,7 +95,7 @@ class PackedWeight:
         kwargs = kwargs or {}
         if func is F.linear:
             return args[1].linear(args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
-        if func is F.embedding and not kwargs and len(args) == 2:
+        if func is F.embedding and kwargs.get("max_norm") is None:  # (F.embedding passes its defaults)
             return args[1].rows(args[0])
         args = [a.dense() if isinstance(a, PackedWeight) else a for a in args]  # anything else: dense
         return func(*args, **kwargs)
