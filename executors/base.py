@@ -24,7 +24,7 @@ from graphgen.models.weights import WeightSource
 from graphgen.sampling import Sampling, select_tokens, step_generator, token_logprobs
 
 from . import compressed as cq
-from . import memory
+from . import attention, memory, packed
 from .disk import DiskTier, Extent
 from .disk_io import ALIGN, CHUNK
 from .tiers import Tier
@@ -69,7 +69,10 @@ class Executor:
                                        "disk": DiskTier(b["disk"], cfg.hardware.offload_dir, ex.io_threads,
                                                         ex.direct_io)}
         self.w_homes: Optional[List[str]] = None
-        self.w_comps: Optional[List] = None  # per layer: the graph's w_compressed when placed
+        self.w_comps: Optional[List] = None  # per layer: (w_compressed, w_packed) of the graph when placed
+        # CPU: compressed layers computed on by packed kernels, never dequantised (executors/packed.py)
+        self.packed_ok = self.device.type == "cpu" and cfg.executor.packed_weights
+        self.packed_layers: set = set()
         # CPU: dequantised weights reuse freed buffers (at most one layer's worth kept free)
         self.work = cq.WorkBuffers(max(layer.numel for layer in spec.layers) * self.dtype.itemsize, self.device) \
             if self.device.type == "cpu" else None
@@ -82,25 +85,33 @@ class Executor:
     def place_weights(self, graph) -> None:
         """Read each layer's weights once (tensor by tensor) into its home tier."""
         homes = self.homes(graph)
-        comps = [graph.nodes[(0, j, 0)].get("w_compressed") for j in range(graph.graph["num_layers"])]
+        comps = [(graph.nodes[(0, j, 0)].get("w_compressed"), bool(graph.nodes[(0, j, 0)].get("w_packed")))
+                 for j in range(graph.graph["num_layers"])]  # (setting, computed on packed kernels)
         if homes == self.w_homes and comps == self.w_comps:  # placed (and quantised) once per run
             return
         for j in range(len(self.w_homes or [])):
             if self.w_homes[j] is not None:
                 self.tiers[self.w_homes[j]].pop(("w", j))
+        self.packed_layers.clear()
         for j, layer in enumerate(self.spec.layers):
             if homes[j] is None:  # another pipeline stage's layer
                 continue
             tier = self.tiers[homes[j]]
-            extents = self.in_place(layer) if homes[j] == "disk" and not comps[j] else None
+            comp, kernel = comps[j]
+            extents = self.in_place(layer) if homes[j] == "disk" and not comp else None
             if extents is not None:  # already on disk in the checkpoint: read from there, not copied
                 tier.put_external(("w", j), extents, self.dtype)
-            elif comps[j]:  # quantised once here; loads move the compressed bytes
+            elif comp:  # quantised once here; loads move the compressed bytes
                 tier.put(("w", j), {name: self.to_tier(t, tier) for name, t in cq.quantize_layer(
-                    layer, self.source, comps[j], self.dtype, self.device).items()})
+                    layer, self.source, comp, self.dtype, self.device, kernel).items()})
+                if kernel:
+                    self.packed_layers.add(j)
             else:
-                tier.put(("w", j), {w.name: self.to_tier(self.source.get(w, self.dtype), tier)
-                                    for w in layer.weights})
+                value = {w.name: self.to_tier(self.source.get(w, self.dtype), tier) for w in layer.weights}
+                if self.packed_ok and homes[j] == "device" and packed.can_prepack(layer, self.dtype):
+                    value = packed.prepack(layer, value, graph.graph["shape"].batch)
+                    self.packed_layers.add(j)
+                tier.put(("w", j), value)
         self.w_homes, self.w_comps = homes, comps
         self.source.close()  # unmap the checkpoint files read (reopened if weights move again)
 
@@ -190,6 +201,7 @@ class Executor:
         extra = biggest * (8 + self.dtype.itemsize)  # dummy weights: randn and its scaled copy in float32
         sh = graph.graph["shape"]  # the attention scratch, kept across squares: [2, B, nkv, S_max, d]
         extra += 2 * sh.batch * self.spec.kv_dim * sh.max_len * self.dtype.itemsize
+        extra += attention.TEMP_BYTES  # float32 K/V of a decode attention chunk
         if self.cfg.policy.compress_weight.bits or self.cfg.policy.compress_cache.bits:
             extra += temp_nbytes(self.device.type)  # quantise / dequantise scratch, one block at a time
         if self.cfg.policy.compress_weight.bits and self.work is not None:
@@ -213,8 +225,8 @@ class Executor:
         self.state = BlockState(inputs, mask.to(self.device), [[] for _ in range(nb)], [[] for _ in range(nb)])
         self.A = dict(graph.nodes(data=True))
         self.max_len = graph.graph["shape"].max_len
-        self._bias: Dict = {}  # GPU batch -> (key, attention bias of its current step)
-        self._scratch: Dict = {}
+        self.attn = attention.AttentionGlue(self.spec, self.max_len)
+        self._pos: Dict = {}  # GPU batch -> ((L, s), positions of its current step), shared by its layers
         self.alloc_caches(graph)
         if self.device.type == "cpu":  # weights read from disk reuse freed buffers (stated_overhead)
             dev = self.tiers["device"]
@@ -287,17 +299,20 @@ class Executor:
         i, j, k = n
         dev = self.tiers["device"]
         w = dev.get(a["w_buf"]) if a["w_buf"] else self.tiers[a["w_home"]].get(("w", j))
-        if a.get("w_dequant"):  # the first square of a run of the layer: one dense copy serves the run
+        if j in self.packed_layers:  # the kernels compute on the compressed parts as they are
+            w = packed.wrap(self.spec.layers[j], w, a["w_compressed"], self.dtype)
+        elif a.get("w_dequant"):  # the first square of a run of the layer: one dense copy serves the run
             w = self.dequantize_weights(a["w_buf"], j, a["w_compressed"])
         L, s = a["ctx"], a["s"]
-        pos = positions_from_mask(self.state.mask[k][:, :L])[:, L - s:]
+        pos = self.positions(k, L, s)
         kind = a["kind"]
         if kind == "embed":
             st = self.state
             toks = st.inputs.input_ids[k] if i == 0 else st.tokens[k][i - 1][:, None]
             out = self.spec.embed(w, toks.to(self.device), pos)
         elif kind == "attn":
-            out = self.attention(n, a, w, dev.get(a["act_in"]), pos)
+            out = self.attn.square(self.tiers, n, a, w, dev.get(a["act_in"]), pos, self.state.mask[k][:, :L],
+                                   self.device)
         elif kind == "mlp":
             out = self.spec.mlp(w, dev.get(a["act_in"]))
         else:
@@ -310,10 +325,17 @@ class Executor:
             if kind == "w":
                 self.recycle_weights(j, a, value)
 
+    def positions(self, k: int, L: int, s: int) -> torch.Tensor:
+        """Position ids [B, s] of GPU batch k at this step: one tensor for all its layers (the
+        rotary tables are built once per tensor, models/rope.py)."""
+        if self._pos.get(k, (None,))[0] != (L, s):
+            self._pos[k] = ((L, s), positions_from_mask(self.state.mask[k][:, :L])[:, L - s:])
+        return self._pos[k][1]
+
     def recycle_weights(self, j: int, a, value) -> None:
         """A layer's working copy after its last square: its buffers serve the next loads (CPU)."""
         work = []
-        if a.get("w_compressed") and self.work is not None:  # the dequantised copy
+        if a.get("w_compressed") and self.work is not None and j not in self.packed_layers:  # dequantised copy
             work = cq.dequantized(self.spec.layers[j], value)
             self.work.give(work)
         if a["w_home"] == "disk" and self.device.type == "cpu":  # read from disk: nobody else holds it
@@ -330,46 +352,6 @@ class Executor:
         dev.put(buf, dense)  # replaces the compressed parts
         self.stats["dequantize_s"] = self.stats.get("dequantize_s", 0.0) + time.perf_counter() - t0
         return dense
-
-    def attention(self, n, a, w, h, pos) -> torch.Tensor:
-        """Projections on the device; the core where the cache is read (device or host)."""
-        i, j, k = n
-        L, s = a["ctx"], a["s"]
-        q, k_new, v_new = self.spec.attn_qkv(w, h, pos)  # q [B,nh,s,d], k/v [B,nkv,s,d]
-        where = self.tiers[a["attn_device"]]
-        new = torch.stack([k_new, v_new]).permute(0, 3, 1, 2, 4).to(where.device)  # [2, s, B, nkv, d]
-        comp = a.get("kv_compressed")
-        if L == s:  # nothing cached before this step
-            kv = new.permute(0, 2, 3, 1, 4)  # [2, B, nkv, L, d]
-        else:  # the stored prefix (dequantised when compressed) and the new slice, joined head-major
-            prefix = where.get(a["kv_buf"]) if a["kv_buf"] else cq.read_prefix(where, ("kv", j, k), L - s, comp)
-            b_, nkv, d = new.shape[2:]
-            kv = self.scratch((2, b_, nkv, L, d), new.dtype, new.device)  # [2, B, nkv, L, d], contiguous
-            cq.dense_into(kv[:, :, :, :L - s].permute(0, 3, 1, 2, 4), prefix, comp)
-            kv[:, :, :, L - s:] = new.permute(0, 2, 3, 1, 4)
-        mask = self.state.mask[k][:, :L].to(where.device)
-        ctx = self.spec.attn_core(q.to(where.device), kv[0], kv[1], mask, self.attn_bias(k, mask, s, q.dtype))
-        where.put(("kvnew", j, k, i), cq.compress_slice(new, comp))  # stored (and moved) compressed
-        return self.spec.attn_out(w, ctx.to(self.device), h)
-
-    def attn_bias(self, k: int, mask: torch.Tensor, s: int, dtype: torch.dtype):
-        """The attention bias of GPU batch k at this step, built once and shared by every layer."""
-        key = (mask.shape[1], s, mask.device, dtype)
-        if self._bias.get(k, (None,))[0] != key:
-            self._bias[k] = (key, self.spec.attn_bias(mask, s, dtype))
-        return self._bias[k][1]
-
-    def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A reused buffer (a fresh large CPU allocation page-faults on every touch): the joined
-        K/V of one attention square, [2, B, nkv, L, d]; sized for the longest context once."""
-        n = 1
-        for x in shape:
-            n *= x
-        buf = self._scratch.get(device)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            full = n // shape[3] * self.max_len  # the same square at the block's last step
-            buf = self._scratch[device] = torch.empty(max(n, full), dtype=dtype, device=device)
-        return buf[:n].view(shape)
 
     def sample(self, n, logits: torch.Tensor) -> None:
         i, _, k = n

@@ -20,6 +20,7 @@ import torch
 
 from graphgen.costs import is_compressed
 
+from . import packed
 from .quant import META_DTYPE, QTensor, dequantize, grouped_shapes, quantize
 
 PARTS = ("data", "mins", "scales")
@@ -46,14 +47,18 @@ def move(value: Value, device: torch.device, non_blocking: bool = False) -> Valu
 
 # --- weights ---------------------------------------------------------------------------------
 
-def quantize_layer(layer, source, comp: Comp, dtype: torch.dtype, device: torch.device) -> Dict[str, torch.Tensor]:
+def quantize_layer(layer, source, comp: Comp, dtype: torch.dtype, device: torch.device,
+                   kernel: bool = False) -> Dict[str, torch.Tensor]:
     """A layer's weights, on the CPU, for its home tier: matrices as the checkpoint stores them when
     it holds them in exactly this compression (a GGUF's Q4_1), else quantised (from float32, on
-    the compute `device`, fast on a GPU); the rest dense in `dtype`."""
+    the compute `device`, fast on a GPU); the rest dense in `dtype`. kernel: in the format of the
+    packed CPU kernels (executors/packed.py) instead of graphgen's group-wise one."""
     bits, gs, gd = comp
     out: Dict[str, torch.Tensor] = {}
     for w in layer.weights:
-        if is_compressed(w):
+        if is_compressed(w) and kernel:
+            out.update(packed.pack(layer, w, source.get(w, torch.float32), comp))
+        elif is_compressed(w):
             stored = source.stored(w, comp)
             if stored is None:
                 stored = parts(quantize(source.get(w, torch.float32).to(device), bits, gs, gd).to("cpu"))
@@ -117,7 +122,7 @@ class WorkBuffers:
 def alloc_cache(tier, key, shape, dtype: torch.dtype, comp: Comp) -> None:
     """A whole cache [2, S_max, B, nkv, d] at its home: dense, or its three compressed parts."""
     if comp is None:
-        tier.alloc(key, shape, dtype)
+        tier.alloc(key, shape, dtype, head_major=True)
         return
     dshape, mshape = grouped_shapes(shape, *comp)
     for p, s, dt in zip(PARTS, (dshape, mshape, mshape), (torch.uint8, META_DTYPE, META_DTYPE)):

@@ -191,7 +191,8 @@ class DiskTier(Tier):
             self.io.unlink(extents[0].path)
 
     # --- KV cache: [2, S_max, B, nkv, d], each half at an aligned offset ---------------------
-    def alloc(self, key, shape, dtype) -> None:
+    def alloc(self, key, shape, dtype, head_major: bool = False) -> None:
+        """A cache file, sequence-major (a prefix is one contiguous read); head_major is for RAM tiers."""
         half = align(_prod(shape[1:]) * _itemsize(dtype))
         self._account(key, _prod(shape) * _itemsize(dtype))
         name = self._name(key)

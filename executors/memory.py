@@ -8,7 +8,8 @@ What the plan does not count, and a run may use beyond it (the stated overhead):
 - the process before the block (interpreter, torch, model code, the graph): `base`, measured;
 - while weights are placed: one weight tensor twice in float32 (dummy weights are drawn in
   float32 and scaled; checkpoint tensors converted), plus its copy in the run dtype;
-- the attention scratch (executor.scratch): the joined K/V of one square at the longest context;
+- the attention scratch (executor.attn.scratch): the joined K/V of one square at the longest
+  context (loaded or compressed caches; a dense cache at home is read in place);
 - disk I/O: one aligned staging chunk per I/O thread (disk.CHUNK each);
 - weights read from disk (CPU): freed read buffers kept for the next read of their size, two
   per distinct layer size, never past the device budget (disk.ReadBuffers);

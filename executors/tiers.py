@@ -73,8 +73,14 @@ class Tier:
         return key in self.values
 
     # --- KV cache: a preallocated [2, S_max, B, nkv, d] tensor, read by prefix, written by slice ---
-    def alloc(self, key, shape, dtype) -> None:
-        self.put(key, torch.zeros(shape, dtype=dtype, device=self.device))
+    def alloc(self, key, shape, dtype, head_major: bool = False) -> None:
+        """head_major: stored [2, B, nkv, S_max, d] (each head's prefix contiguous: attention reads
+        it in place, executors/attention.py), seen as the [2, S_max, B, nkv, d] every tier shares."""
+        if head_major:
+            t = torch.zeros((shape[0],) + tuple(shape[2:-1]) + (shape[1], shape[-1]), dtype=dtype, device=self.device)
+            self.put(key, t.permute(0, len(shape) - 2, *range(1, len(shape) - 2), len(shape) - 1))
+        else:
+            self.put(key, torch.zeros(shape, dtype=dtype, device=self.device))
 
     def read_prefix(self, key, n: int) -> torch.Tensor:
         return self.values[key][:, :n]

@@ -106,6 +106,9 @@ class ExecutorConfig:
     staging_buffers: int = 2  # CUDA: pinned buffers for disk -> GPU copies (reused; bounded memory)
     staging_bytes: str = "64MiB"  # CUDA: size of each staging buffer
     keep_freed_memory: bool = True  # CPU (glibc): reuse freed heap memory, no mmap + page faults per tensor
+    # CPU: compressed weights computed on by torch's packed int4 / int8 kernels (executors/packed.py);
+    # false: every run of a layer dequantises it (FlexGen's group-wise 8-bit instead of per-channel)
+    packed_weights: bool = True
 
 
 @dataclass

@@ -10,6 +10,25 @@ import torch
 
 BITS = (4, 8)
 META_DTYPE = torch.bfloat16  # per-group min and scale (see executors/quant.py)
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's _weight_int4pack_mm_for_cpu takes
+
+
+def kernel_packable(layer, comp) -> bool:
+    """Whether every compressed matrix of `layer` has a packed CPU kernel format (executors/packed.py):
+    groups along the input (last) dim; 4-bit also groups the kernel takes that divide it, and an
+    output dim that is a multiple of 16. The embedding (row lookups) keeps graphgen's format."""
+    if comp is None:
+        return False
+    bits, gs, gd = comp
+    for w in layer.weights:
+        if not (w.compressible and len(w.shape) >= 2):
+            continue
+        if len(w.shape) != 2 or gd % 2 != 1:
+            return False
+        if layer.kind != "embed" and bits == 4 and (gs not in INT4_KERNEL_GROUPS or w.shape[1] % gs
+                                                    or w.shape[0] % 16):
+            return False
+    return True
 
 
 def grouped_shapes(shape: Sequence[int], bits: int, group_size: int,

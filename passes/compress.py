@@ -1,10 +1,12 @@
 """Compression: group-wise 4/8-bit quantisation of weights and/or the KV cache (FlexGen's scheme).
 
-requires: w_home    provides: w_compressed, kv_compressed ((bits, group_size, group_dim) or None)
+requires: w_home    provides: w_compressed, kv_compressed ((bits, group_size, group_dim) or None), w_packed
 Rewrites the byte attributes later passes, the planner, the cost model and the report read, to
 the compressed sizes (executors.quant.quantized_nbytes): w_bytes (home and every link),
 kv_bytes, kv_read, kv_write. Adds w_work_bytes: the dequantised working copy a layer run uses on
-the device (insert_io loads into it; plan_memory counts it). Only matrices are quantised
+the device (insert_io loads into it; plan_memory counts it), and w_packed: on a CPU device with
+executor.packed_weights, layers whose matrices fit torch's packed kernels are computed on as
+stored (executors/packed.py): no dequantisation, w_work_bytes = w_bytes. Only matrices are quantised
 (costs.is_compressed); biases and norms stay dense. The KV cache [2, S_max, B, nkv, d] is grouped
 along a dim other than the sequence (default -1, head_dim), so prefixes and slices stay cheap.
 graph.graph["compression"]: {"weight": summary | None, "cache": summary | None} for reports.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
-from graphgen.quant_format import BITS, quantized_nbytes
+from graphgen.quant_format import BITS, kernel_packable, quantized_nbytes
 from graphgen.build import squares
 from graphgen.costs import Shape, is_compressed
 
@@ -100,10 +102,14 @@ def compress(graph, cfg):
         check_cache_groups(cc)
     # per layer: (setting, compressed bytes, dense bytes); a layer with no matrix stays dense
     lay = []
+    on_kernels = cfg.hardware.device == "cpu" and cfg.executor.packed_weights  # executors/packed.py
     for layer in spec.layers:
         c = wc if wc and any(is_compressed(w) for w in layer.weights) else None
         c = c or (layer.stored if not wc else None)  # unset: keep what the checkpoint stores (GGUF)
-        lay.append((c, weight_nbytes(layer, sh.itemsize, c), layer.numel * sh.itemsize))
+        # the packed kernels re-quantise to their own format: a checkpoint's exact compression is kept as stored
+        packed = bool(c) and on_kernels and kernel_packable(layer, c) and not (layer.stored and c == layer.stored)
+        wq = weight_nbytes(layer, sh.itemsize, c)
+        lay.append((c, wq, layer.numel * sh.itemsize, packed))
     attn = sum(layer.kind == "attn" for layer in spec.layers)
     kv_total = attn * nb * kv_nbytes(spec, sh, sh.max_len, cc)
     graph.graph["compression"] = {
@@ -112,10 +118,10 @@ def compress(graph, cfg):
     kv = {}  # step -> (kv_bytes, kv_read, kv_write): computed once per step, not per square
     for n in squares(graph):
         a = graph.nodes[n]
-        c, wq, dense = lay[n[1]]
+        c, wq, dense, packed = lay[n[1]]
         a["w_compressed"] = c
-        if c:
-            a["w_bytes"], a["w_work_bytes"] = wq, dense
+        if c:  # packed: computed on as stored, no dense working copy
+            a["w_bytes"], a["w_work_bytes"], a["w_packed"] = wq, wq if packed else dense, packed
         if a["kind"] != "attn":
             continue
         a["kv_compressed"] = cc

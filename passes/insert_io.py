@@ -72,7 +72,7 @@ def _sort_key(A, m):
 def _weights(io, run_start, last, n, a, prefetch):
     """One load per run of consecutive squares of the same layer (zig-zag reuses it across batches)."""
     j = n[1]
-    if a["w_home"] == "device" and not a.get("w_compressed"):
+    if a["w_home"] == "device" and (not a.get("w_compressed") or a.get("w_packed")):  # used where it lives
         a["w_buf"] = None
         return
     # compressed weights (passes/compress.py): the load moves the compressed bytes (none when they
@@ -81,7 +81,7 @@ def _weights(io, run_start, last, n, a, prefetch):
     held = a.get("w_work_bytes", a["w_bytes"])
     a["w_buf"] = ("w", j, run_start)
     if run_start == a["order"]:
-        if a.get("w_compressed"):  # the run's first square dequantises (on the compute stream)
+        if a.get("w_compressed") and not a.get("w_packed"):  # the run's first square dequantises
             a["w_dequant"] = held
         moved = a["w_bytes"] if a["w_home"] != "device" else 0
         io.io(("load",) + a["w_buf"], n, op="load", tensor=("w", j), buf=a["w_buf"], src=a["w_home"],

@@ -40,6 +40,7 @@ class Rotary:
         self.max_positions = hf_config.max_position_embeddings
         self.orig_max = rp.get("original_max_position_embeddings", self.max_positions)
         self.inv_freq, self.scaling = self._init(None)  # (dim/2,), float
+        self._last = None  # (positions, dtype, (cos, sin)) of the last call
 
     def _init(self, seq_len) -> Tuple[torch.Tensor, float]:
         if self.type == "default":
@@ -62,7 +63,16 @@ class Rotary:
         return self.inv_freq, self.scaling
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions [B, s] -> cos, sin [B, 1, s, dim] in dtype."""
+        """positions [B, s] -> cos, sin [B, 1, s, dim] in dtype. The last tables are kept: the
+        executor passes one positions tensor to every layer of a step."""
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == dtype:
+            return last[2]
+        out = self._cos_sin(positions, dtype)
+        self._last = (positions, dtype, out)
+        return out
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         inv, scale = self._freqs_for(positions)
         freqs = positions[..., None].float() * inv.to(positions.device)  # (B, s, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -25,6 +25,7 @@ from .graphs import TINY, compiled as compiled_cfg
 W4 = "policy.compress_weight.bits=4"
 C8 = "policy.compress_cache.bits=8"
 ALL_HOST = "policy.percent=[0,100,0,100,100,0]"
+DEQUANT = "executor.packed_weights=false"  # FlexGen's path: a dense working copy per layer run
 
 
 def compiled(overrides=(), names=None):
@@ -50,7 +51,7 @@ def test_off_records_no_compression_and_keeps_sizes():
 
 
 def test_planned_bytes_of_a_compressed_layer_equal_quantized_nbytes():
-    g, _ = compiled([W4, C8, ALL_HOST])  # tiny OPT: B=2, prompt 4, 3 tokens, float32
+    g, _ = compiled([W4, C8, ALL_HOST, DEQUANT])  # tiny OPT: B=2, prompt 4, 3 tokens, float32
     spec, sh = g.graph["spec"], g.graph["shape"]
     for layer in spec.layers:
         a = g.nodes[(0, layer.index, 0)]
@@ -72,14 +73,14 @@ def test_planned_bytes_of_a_compressed_layer_equal_quantized_nbytes():
 
 
 def test_device_weights_stay_compressed_and_dequantise_once_per_run():
-    g, _ = compiled([W4, "schedule=zigzag", "policy.percent=[100,0,100,0,100,0]"])
+    g, _ = compiled([W4, "schedule=zigzag", "policy.percent=[100,0,100,0,100,0]", DEQUANT])
     loads = [g.nodes[m] for m in g.graph["ops"] if g.nodes[m].get("op") == "load"]
     assert len(loads) == 3 * 4  # tokens x layers, not per GPU batch
     assert all(b["src"] == "device" and b["bytes"] == 0 for b in loads)  # nothing moves; dequantise
 
 
 def test_first_square_of_each_run_dequantises_and_the_cost_model_prices_it_there():
-    g, _ = compiled([W4, "schedule=zigzag", ALL_HOST])  # zig-zag: a run is one layer over the GPU batches
+    g, _ = compiled([W4, "schedule=zigzag", ALL_HOST, DEQUANT])  # zig-zag: a run is one layer over the GPU batches
     squares = [n for n in g.graph["ops"] if "kind" in g.nodes[n]]
     first = {}
     for n in squares:  # schedule order: the first square reading each working copy
@@ -98,6 +99,19 @@ def test_first_square_of_each_run_dequantises_and_the_cost_model_prices_it_there
     assert parts["dequant"] == pytest.approx(g.nodes[n]["w_work_bytes"] / 1e9)
     later = next(m for m in squares if g.nodes[m]["w_buf"] == g.nodes[n]["w_buf"] and m != n)
     assert "dequant" not in model.compute_parts(g.nodes[later], 0.0)
+
+
+def test_packed_layers_are_computed_on_as_stored():
+    """CPU, executor.packed_weights (default): layers the kernels take never dequantise; on the
+    device they are read where they live (no load, no working copy)."""
+    g, _ = compiled([W4, "schedule=zigzag", "policy.percent=[100,0,100,0,100,0]"])
+    embed = g.nodes[(0, 0, 0)]  # tiny OPT: only the embedding (row lookups) fits; its matrices 16 wide
+    assert embed["w_packed"] and embed["w_work_bytes"] == embed["w_bytes"] and embed["w_buf"] is None
+    assert not any(g.nodes[n].get("w_dequant") for n in g.graph["ops"] if g.nodes[n].get("w_packed"))
+    other = g.nodes[(0, 1, 0)]  # 16-wide rows do not fill the kernel's groups: dequantised as before
+    assert not other["w_packed"] and other["w_buf"] is not None
+    g, _ = compiled([W4, "schedule=zigzag", ALL_HOST, "hardware=cuda"])  # a GPU dequantises
+    assert not any(g.nodes[n].get("w_packed") for n in g.graph["ops"])
 
 
 def wide(overrides):
@@ -222,7 +236,7 @@ def test_compressed_weights_match_hf_with_dequantised_weights(peaked_ckpt, offlo
         want = fake.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
         plain = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     out, _ = generate(peaked_ckpt, offload_dir, f"policy.compress_weight.bits={bits}", ALL_HOST,
-                      f"policy.compress_weight.group_dim={group_dim}", n=6, gen=8)
+                      f"policy.compress_weight.group_dim={group_dim}", "executor.packed_weights=false", n=6, gen=8)
     assert torch.equal(out, want)
     assert not torch.equal(plain, want)
 

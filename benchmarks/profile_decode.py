@@ -1,0 +1,85 @@
+"""Profile of graphgen's decode steps: self CPU time per op inside the decode squares only.
+
+A torch.profiler record of one generate call; each decode op runs under a record_function
+marker, and every op below a marker counts, per decode step. Prints the op table and the decode
+rate of an unprofiled run before it.
+
+    python benchmarks/profile_decode.py ~/.cache/graphgen/bench/smollm2-135m-bf16 --batch 16 --prompt-len 256
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LLM  # noqa: E402
+from executors.base import Executor  # noqa: E402
+
+
+def mark_decode_ops() -> None:
+    """Run every op of a decode square under a "DECODE" profiler range."""
+    execute = Executor.execute
+
+    def marked(self, node):
+        b = self.A[node]
+        if (self.A[b["square"]] if "square" in b else b).get("step_kind") == "decode":
+            with record_function("DECODE"):
+                return execute(self, node)
+        return execute(self, node)
+
+    Executor.execute = marked
+
+
+def per_op(prof) -> collections.Counter:
+    """Self CPU microseconds of each op whose ancestors include a DECODE range."""
+    tot = collections.Counter()
+    for e in prof.events():
+        a = e.cpu_parent
+        while a is not None and a.name != "DECODE":
+            a = a.cpu_parent
+        if a is not None and e.name != "DECODE":
+            tot[e.name] += e.self_cpu_time_total
+    return tot
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="a Hugging Face checkpoint dir or a conf/model name")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--gen-len", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--executor", default="reference")
+    ap.add_argument("overrides", nargs="*", help="more graphgen overrides, e.g. policy.compress_weight.bits=4")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    B, P, G = args.batch, args.prompt_len, args.gen_len
+    ov = ["model.dtype=bfloat16", "policy=all-device", f"policy.gpu_batch_size={B}", "policy.num_gpu_batches=1",
+          f"executor.name={args.executor}", "hardware.device_mem=64GB", "report.progress=false", *args.overrides]
+    ids = torch.randint(4, 1000, (B, P), generator=torch.Generator().manual_seed(0))
+    mark_decode_ops()
+    with LLM(args.model, ov) as llm:
+        llm.generate(ids[:, :8], max_new_tokens=2)  # warm-up: places the weights
+        llm.generate(ids, max_new_tokens=G)
+        plain = llm.last_stats["decode_s"]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            llm.generate(ids, max_new_tokens=G)
+    n = G - 1
+    print(f"decode {B * n / plain:.1f} tok/s ({plain / n * 1e3:.1f} ms/step) unprofiled; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    tot = per_op(prof)
+    total = sum(tot.values())
+    print(f"{'op (self CPU inside decode squares)':<50} {'ms/step':>8} {'%':>5}")
+    for name, t in tot.most_common(16):
+        print(f"{name[:50]:<50} {t / n / 1e3:8.2f} {100 * t / total:5.1f}")
+    print(f"{'all ops':<50} {total / n / 1e3:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

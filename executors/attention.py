@@ -1,0 +1,124 @@
+"""Attention glue of an attention square: projections, the KV cache read in place, the core.
+
+The dense KV cache of an in-memory tier is allocated head-major, [2, B, nkv, S_max, d], and seen
+through the sequence-major view [2, S_max, B, nkv, d] every tier shares (executors/tiers.py):
+a square whose cache lives where its attention runs writes its new K/V into the cache and
+attends over the prefix view [2, B, nkv, L, d] in place: no per-step copy of the prefix.
+(The square's store op writes the same slice again: the graph's store keeps its meaning for
+the tiers, the planner and the async executor's ordering.) A prefix loaded from another tier,
+or stored compressed, is joined with the new slice into a reused scratch buffer as before.
+
+Decode (one new token) on the CPU runs matmul attention: float32 scores and softmax over the
+bf16 / float32 cache read in place, grouped-query heads as [B, nkv, group, d] (K/V never
+expanded). SDPA's CPU kernel at q length 1 costs ~10x more (docs/performance.md).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from . import compressed as cq
+
+
+class AttentionGlue:
+    """Per-block state of the attention squares: the shared bias per GPU batch, the scratch."""
+
+    def __init__(self, spec, max_len: int):
+        self.spec, self.max_len = spec, max_len
+        self._bias: Dict = {}  # GPU batch -> (key, attention bias of its current step)
+        self._scratch: Dict = {}
+
+    def square(self, tiers, n, a, w, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+               device: torch.device) -> torch.Tensor:
+        """One attention square: hidden [B, s, H] -> hidden [B, s, H]; its new K/V put in the
+        attention tier as ("kvnew", j, k, i) for the store op. mask: the batch's [B, L] mask."""
+        i, j, k = n
+        L, s = a["ctx"], a["s"]
+        q, k_new, v_new = self.spec.attn_qkv(w, h, pos)  # q [B,nh,s,d], k/v [B,nkv,s,d]
+        where = tiers[a["attn_device"]]
+        new = torch.stack([k_new, v_new]).permute(0, 3, 1, 2, 4).to(where.device)  # [2, s, B, nkv, d]
+        comp = a.get("kv_compressed")
+        kv = self.cache_view(where, a, (j, k), L, s, new) if comp is None and L > s else None
+        if kv is None:
+            kv = self.joined(where, a, (j, k), L, s, new, comp)  # [2, B, nkv, L, d]
+        mask = mask.to(where.device)
+        bias = self.attn_bias(k, mask, s, q.dtype)
+        q = q.to(where.device)
+        if s == 1 and where.device.type == "cpu":
+            ctx = decode_attention(q, kv[0], kv[1], bias, self.spec.attn_scale)
+        else:
+            ctx = self.spec.attn_core(q, kv[0], kv[1], mask, bias)
+        where.put(("kvnew", j, k, i), cq.compress_slice(new, comp))  # stored (and moved) compressed
+        return self.spec.attn_out(w, ctx.to(device), h)
+
+    def cache_view(self, where, a, jk, L: int, s: int, new: torch.Tensor) -> Optional[torch.Tensor]:
+        """The cache at home, with the new slice written in, as [2, B, nkv, L, d] (a view); None
+        when the prefix is not read in place or the layout is not head-major."""
+        if a["kv_buf"] is not None:
+            return None
+        cache = where.get(("kv",) + jk)  # [2, S_max, B, nkv, d] view
+        kv = cache[:, :L].permute(0, 2, 3, 1, 4)
+        if kv.stride(-1) != 1 or kv.stride(-2) != kv.shape[-1]:  # sequence-major: join instead
+            return None
+        cache[:, L - s:L].copy_(new)
+        return kv
+
+    def joined(self, where, a, jk, L: int, s: int, new: torch.Tensor, comp) -> torch.Tensor:
+        """The stored prefix (dequantised when compressed) and the new slice in one head-major
+        buffer [2, B, nkv, L, d]."""
+        if L == s:  # nothing cached before this step
+            return new.permute(0, 2, 3, 1, 4)
+        prefix = where.get(a["kv_buf"]) if a["kv_buf"] else cq.read_prefix(where, ("kv",) + jk, L - s, comp)
+        b_, nkv, d = new.shape[2:]
+        kv = self.scratch((2, b_, nkv, L, d), new.dtype, new.device)
+        cq.dense_into(kv[:, :, :, :L - s].permute(0, 3, 1, 2, 4), prefix, comp)
+        kv[:, :, :, L - s:] = new.permute(0, 2, 3, 1, 4)
+        return kv
+
+    def attn_bias(self, k: int, mask: torch.Tensor, s: int, dtype: torch.dtype):
+        """The attention bias of GPU batch k at this step, built once and shared by every layer."""
+        key = (mask.shape[1], s, mask.device, dtype)
+        if self._bias.get(k, (None,))[0] != key:
+            self._bias[k] = (key, self.spec.attn_bias(mask, s, dtype))
+        return self._bias[k][1]
+
+    def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reused buffer (a fresh large CPU allocation page-faults on every touch): the joined
+        K/V of one attention square, [2, B, nkv, L, d]; sized for the longest context once."""
+        n = 1
+        for x in shape:
+            n *= x
+        buf = self._scratch.get(device)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            full = n // shape[3] * self.max_len  # the same square at the block's last step
+            buf = self._scratch[device] = torch.empty(max(n, full), dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                     scale: Optional[float]) -> torch.Tensor:
+    """q [B, nh, 1, d], k/v [B, nkv, L, d] (views: each head's [L, d] contiguous), bias None or
+    [B, 1 | nh, 1, L] -> ctx [B, 1, nh*d] in q's dtype. Scores, softmax and the weighted sum in
+    float32; the query heads of a KV head as one [group, d] matrix (no K/V expansion). Runs over
+    chunks of (sequence, KV head) pairs so the float32 copies of K/V stay within TEMP_BYTES."""
+    B, nh, _, d = q.shape
+    nkv, L = k.shape[1], k.shape[2]
+    g = nh // nkv
+    scale = d ** -0.5 if scale is None else scale
+    qf = q.reshape(B * nkv, g, d).float() * scale  # a new tensor: q may be float32 already
+    ks, vs = k.reshape(B * nkv, L, d), v.reshape(B * nkv, L, d)  # views of the cache
+    if bias is not None:  # [B, 1, 1, L] (padding, causal) or [B, nh, 1, L] (ALiBi) -> [B*nkv, g | 1, L]
+        bias = bias.reshape(B * nkv, g, L) if bias.shape[1] > 1 else bias.view(B, 1, L).repeat_interleave(nkv, 0)
+    out = torch.empty(B * nkv, g, d, dtype=q.dtype, device=q.device)
+    step = max(1, TEMP_BYTES // (2 * L * d * 4))
+    for c in range(0, B * nkv, step):
+        sl = slice(c, c + step)
+        scores = torch.bmm(qf[sl], ks[sl].float().transpose(1, 2))  # [n, g, L]
+        if bias is not None:
+            scores.add_(bias[sl])
+        out[sl] = torch.bmm(torch.softmax(scores, -1), vs[sl].float())
+    return out.view(B, 1, nh * d)
+
+
+TEMP_BYTES = 32 << 20  # float32 K/V of the decode attention's chunk: cache-sized, outside the plan

@@ -1,0 +1,147 @@
+"""Compressed weights computed on as they are (CPU): no dense copy of a layer per run.
+
+On a CPU device a compressed layer's matrices are kept in the format of torch's packed kernels,
+and the model's F.linear / F.embedding calls run on them (PackedWeight.__torch_function__):
+- 4-bit: graphgen's group-wise scheme (FlexGen's: per group of the input dim a min and a scale,
+  codes 0..15; executors/quant.py), its codes repacked by _convert_weight_to_int4pack_for_cpu and
+  its (scale, min + 8 * scale) pairs as the kernel's scales_and_zeros [K / G, N, 2]: computed by
+  _weight_int4pack_mm_for_cpu. The zero point min + 8 * scale is rounded to bfloat16 once.
+- 8-bit: per-output-channel symmetric int8 (the kernel's scheme, not group-wise), computed by
+  _weight_int8pack_mm.
+- the embedding layer keeps graphgen's group-wise format and dequantises only the rows looked up.
+Dense bf16 layers that live on the (CPU) device are reordered once into oneDNN's blocked layout
+(prepack) and computed by mkldnn._linear_pointwise: F.linear would reorder them on every call.
+Its results are bit-identical to F.linear's (float32 layers are never prepacked: exactness).
+Stored bytes: 4-bit exactly graphgen's; 8-bit N*K + 2N (under the group-wise size the plan counts).
+A layer is packed when all its compressed matrices fit the kernels (4-bit: groups of 32..256 along
+the input dim that divide it, N a multiple of 16); otherwise it takes the dequantising path
+(executors/compressed.py), as does every layer with executor.packed_weights=false or on a GPU.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from graphgen.costs import is_compressed
+from graphgen.quant_format import kernel_packable
+
+from .quant import QTensor, _unpack, dequantize, quantize
+
+INT4_KERNEL_ROWS = 1024  # above: dense() + GEMM (measured, 4096 rows: kernel 105 ms, dense + GEMM 22 ms)
+INT8_KERNEL_ROWS = 32  # above: dequantise + GEMM (measured: int8 kernel 3.0 ms vs 1.4 ms at 256 rows)
+packable = kernel_packable  # the compress pass decides with the same rule (w_packed)
+
+
+def pack(layer, w, x: torch.Tensor, comp) -> Dict[str, torch.Tensor]:
+    """A float32 matrix [N, K] -> its stored parts {name@part: tensor}."""
+    bits, gs, gd = comp
+    if layer.kind == "embed":  # graphgen's format; rows are dequantised where looked up
+        q = quantize(x, bits, gs, gd)
+        return {f"{w.name}@data": q.data, f"{w.name}@mins": q.mins, f"{w.name}@scales": q.scales}
+    if bits == 8:
+        scale = (x.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        scale = _round_up(scale, torch.bfloat16)
+        codes = (x / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        return {f"{w.name}@int8": codes, f"{w.name}@scale": scale}
+    q = quantize(x, 4, gs, gd)  # data [N, K/G, G/2], mins / scales [N, K/G, 1]
+    N, K = x.shape
+    codes = _unpack(q.data, 1, 4).reshape(N, K).to(torch.int32)
+    scale, mn = q.scales.float()[..., 0], q.mins.float()[..., 0]  # [N, K/G]
+    sz = torch.stack([scale, mn + 8 * scale], -1).transpose(0, 1).contiguous()  # [K/G, N, 2]
+    return {f"{w.name}@int4": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+            f"{w.name}@sz": sz.to(torch.bfloat16)}
+
+
+def prepack(layer, value: Dict[str, torch.Tensor], batch: int) -> Dict[str, torch.Tensor]:
+    """A dense bf16 layer's matrices reordered once into oneDNN's blocked layout (no per-call reorder)."""
+    return {n: torch.ops.mkldnn._reorder_linear_weight(t, batch) if t.dim() == 2 else t for n, t in value.items()}
+
+
+def can_prepack(layer, dtype: torch.dtype) -> bool:
+    """bf16 layers used through F.linear (not the embedding's lookups), where torch has oneDNN."""
+    return dtype == torch.bfloat16 and layer.kind != "embed" and torch.backends.mkldnn.is_available()
+
+
+def wrap(layer, value: Dict[str, torch.Tensor], comp, dtype: torch.dtype) -> Dict[str, object]:
+    """The stored parts of a packed layer -> {name: tensor or PackedWeight}, for the model's compute."""
+    out: Dict[str, object] = {}
+    for w in layer.weights:
+        v = value.get(w.name)
+        if v is not None and v.layout == torch._mkldnn:
+            out[w.name] = PackedWeight("onednn", w.shape, dtype, v)
+        elif not is_compressed(w) or comp is None:
+            out[w.name] = value[w.name]
+        elif f"{w.name}@int4" in value:
+            out[w.name] = PackedWeight("int4", w.shape, dtype, value[f"{w.name}@int4"], value[f"{w.name}@sz"], comp[1])
+        elif f"{w.name}@int8" in value:
+            out[w.name] = PackedWeight("int8", w.shape, dtype, value[f"{w.name}@int8"], value[f"{w.name}@scale"])
+        else:
+            q = QTensor(value[f"{w.name}@data"], value[f"{w.name}@mins"], value[f"{w.name}@scales"],
+                        tuple(w.shape), dtype, comp[0], comp[1], comp[2] % 2)
+            out[w.name] = PackedWeight("group", w.shape, dtype, q)
+    return out
+
+
+class PackedWeight:
+    """A compressed matrix [N, K] that F.linear and F.embedding compute on without a dense copy."""
+
+    def __init__(self, kind: str, shape, dtype: torch.dtype, a, b=None, group: int = 0):
+        self.kind, self.shape, self.dtype, self.a, self.b, self.group = kind, tuple(shape), dtype, a, b, group
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return args[1].linear(args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
+        if func is F.embedding and kwargs.get("max_norm") is None:  # (F.embedding passes its defaults)
+            return args[1].rows(args[0])
+        args = [a.dense() if isinstance(a, PackedWeight) else a for a in args]  # anything else: dense
+        return func(*args, **kwargs)
+
+    def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [..., K] -> [..., N]."""
+        if self.kind == "group":
+            return F.linear(x, self.dense(), bias)
+        if self.kind == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.a, bias, "none", [], "")
+        x2 = x.reshape(-1, self.shape[1])
+        if self.kind == "int4" and x2.shape[0] > INT4_KERNEL_ROWS:  # prefill: dense copy + one GEMM
+            y = F.linear(x2, self.dense())
+        elif self.kind == "int4":
+            y = self._int4(x2)
+        elif x2.shape[0] <= INT8_KERNEL_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.a, self.b.to(x.dtype))
+        else:  # the int8 kernel is a loop of GEMVs (time grows with the rows): dequantise, one GEMM
+            y = F.linear(x2, self.dense().to(x.dtype))
+        y = y.view(*x.shape[:-1], self.shape[0])
+        return y if bias is None else y + bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """F.embedding: ids [...] -> [..., K], dequantising the rows looked up only."""
+        if self.kind != "group":
+            return F.embedding(ids, self.dense())
+        flat = ids.reshape(-1)
+        q = self.a
+        sub = QTensor(q.data[flat], q.mins[flat], q.scales[flat], (flat.numel(), self.shape[1]), self.dtype,
+                      q.bits, q.group_size, q.group_dim)
+        return dequantize(sub, self.dtype).view(*ids.shape, self.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """The whole matrix in the compute dtype (a fallback: ops other than linear / embedding)."""
+        if self.kind == "group":
+            return dequantize(self.a, self.dtype)
+        if self.kind == "int8":
+            return self.a.to(self.dtype) * self.b.to(self.dtype)[:, None]
+        eye = torch.eye(self.shape[1], dtype=self.dtype)  # [K, K] through the kernel: the matrix, transposed
+        return (self._int4(eye) if self.kind == "int4" else self.linear(eye, None)).t().contiguous()
+
+    def _int4(self, x2: torch.Tensor) -> torch.Tensor:
+        """[M, K] -> [M, N] on the packed codes (the kernel wants its scales in the input's dtype)."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.a, self.group, self.b.to(x2.dtype))
+
+
+def _round_up(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    r = v.to(dtype)
+    return torch.where(r.float() < v, torch.nextafter(r, torch.full_like(r, float("inf"))), r)

@@ -1,0 +1,91 @@
+"""Decode attention and the head-major cache (executors/attention.py, executors/tiers.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from executors.attention import decode_attention
+from executors.tiers import Tier
+from graphgen import LLM
+from graphgen.models.base import causal_padding_bias
+
+from ..conftest import left_padded_batch
+
+GB = 10**9
+
+
+def sdpa(q, k, v, bias, scale=None):
+    g = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                         attn_mask=bias, scale=scale)
+    return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
+
+
+def qkv(B=3, nh=6, nkv=2, L=9, d=8, S_max=12, dtype=torch.float32, seed=0):
+    """q [B, nh, 1, d] and K/V prefix views [B, nkv, L, d] of a head-major cache."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, B, nkv, S_max, d, generator=g).to(dtype)
+    return torch.randn(B, nh, 1, d, generator=g).to(dtype), cache[0, :, :, :L], cache[1, :, :, :L]
+
+
+@pytest.mark.parametrize("nkv", [1, 2, 6])
+def test_decode_attention_matches_sdpa(nkv):
+    q, k, v = qkv(nkv=nkv)
+    torch.testing.assert_close(decode_attention(q, k, v, None, None), sdpa(q, k, v, None))
+
+
+def test_decode_attention_applies_padding_and_per_head_biases():
+    q, k, v = qkv()
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    bias = causal_padding_bias(mask, 1, torch.float32)  # [B, 1, 1, L]
+    torch.testing.assert_close(decode_attention(q, k, v, bias, 0.5), sdpa(q, k, v, bias, 0.5))
+    per_head = torch.randn(3, 6, 1, 9)  # ALiBi-like [B, nh, 1, L]
+    torch.testing.assert_close(decode_attention(q, k, v, per_head, None), sdpa(q, k, v, per_head))
+
+
+def test_decode_attention_in_bf16_is_as_close_as_sdpa():
+    q, k, v = qkv(dtype=torch.bfloat16, L=11)
+    want = sdpa(q.float(), k.float(), v.float(), None)
+    err = (decode_attention(q, k, v, None, None).float() - want).norm() / want.norm()
+    err_sdpa = (sdpa(q, k, v, None).float() - want).norm() / want.norm()
+    assert err <= 1.5 * err_sdpa + 1e-3
+
+
+def test_head_major_cache_is_read_and_written_like_a_sequence_major_one():
+    shape = (2, 7, 3, 2, 4)  # [2, S_max, B, nkv, d]
+    flat, hm = Tier("host", GB, torch.device("cpu")), Tier("device", GB, torch.device("cpu"))
+    flat.alloc("kv", shape, torch.bfloat16)
+    hm.alloc("kv", shape, torch.bfloat16, head_major=True)
+    assert hm.used == flat.used == 2 * 7 * 3 * 2 * 4 * 2
+    x = torch.randn(2, 3, 3, 2, 4).bfloat16()
+    for t in (flat, hm):
+        t.write_slice("kv", 2, x)
+    assert torch.equal(hm.read_prefix("kv", 5), flat.read_prefix("kv", 5))
+    prefix = hm.get("kv")[:, :5].permute(0, 2, 3, 1, 4)  # [2, B, nkv, L, d], as attention reads it
+    assert prefix.stride(-1) == 1 and prefix.stride(-2) == 4  # each head's prefix contiguous: no copy
+
+
+def test_decode_reads_the_cache_in_place(opt_ckpt):
+    """All on the device, dense cache: decode attends over the cache itself (no scratch join)."""
+    path, _ = opt_ckpt
+    ids, mask = left_padded_batch(4)
+    base = ["model.dtype=float32", "policy.gpu_batch_size=4", "policy.num_gpu_batches=1", "executor.name=reference"]
+    with LLM(str(path), base) as llm:
+        llm.generate(ids, attention_mask=mask, max_new_tokens=4)
+        assert llm.executor.attn._scratch == {}
+    with LLM(str(path), base + ["policy.compress_cache.bits=4"]) as llm:  # compressed: dequantised into scratch
+        llm.generate(ids, attention_mask=mask, max_new_tokens=4)
+        assert llm.executor.attn._scratch != {}
+
+
+def test_decode_attention_in_chunks_matches_one_pass(monkeypatch):
+    """Long contexts run over chunks of (sequence, KV head) pairs: the same result."""
+    import executors.attention as attention
+
+    q, k, v = qkv(B=4, L=9)
+    bias = torch.randn(4, 6, 1, 9)
+    whole = decode_attention(q, k, v, bias, None)
+    monkeypatch.setattr(attention, "TEMP_BYTES", 2 * 9 * 8 * 4 * 3)  # 3 pairs per chunk
+    torch.testing.assert_close(decode_attention(q, k, v, bias, None), whole)

@@ -1,0 +1,132 @@
+"""Compressed weights computed on by packed kernels (executors/packed.py)."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from executors.packed import PackedWeight, packable, pack, wrap
+from executors.quant import dequantize, quantize
+from graphgen import LLM
+
+from ..conftest import left_padded_batch
+from ..models.test_model_families import _llama, make_checkpoint
+
+
+def matrix(name="w", shape=(48, 64), kind="mlp"):
+    w = SimpleNamespace(name=name, shape=shape, compressible=True)
+    return SimpleNamespace(kind=kind, weights=[w]), w
+
+
+def packed(bits, x, kind="mlp", group=32, dtype=torch.float32) -> PackedWeight:
+    layer, w = matrix(shape=tuple(x.shape), kind=kind)
+    comp = (bits, group, -1)
+    return wrap(layer, pack(layer, w, x, comp), comp, dtype)["w"]
+
+
+def test_packable_needs_kernel_shapes():
+    comp = (4, 32, -1)
+    assert packable(matrix(shape=(48, 64))[0], comp)
+    assert not packable(matrix(shape=(40, 64))[0], comp)  # int4 kernel: N a multiple of 16
+    assert not packable(matrix(shape=(48, 48))[0], comp)  # groups must divide the input dim
+    assert not packable(matrix(shape=(48, 64))[0], (4, 16, -1))  # group size the kernel lacks
+    assert not packable(matrix(shape=(48, 64))[0], (4, 32, 0))  # groups along the output dim
+    assert packable(matrix(shape=(40, 48))[0], (8, 64, -1))  # int8: per channel, any shape
+    assert packable(matrix(shape=(40, 48), kind="embed")[0], (4, 16, -1))  # rows: graphgen's format
+    assert not packable(matrix()[0], None)
+
+
+def test_int4_is_graphgens_group_scheme_on_the_kernel():
+    x = torch.randn(48, 64)
+    W = packed(4, x)
+    want = dequantize(quantize(x, 4, 32, -1), torch.float32)
+    # the kernel's zero point (min + 8 scale) is rounded to bfloat16 once: within that rounding
+    assert (W.dense() - want).abs().max() <= 2 ** -8 * x.abs().max()
+    for rows in (3, 400):  # the kernel; above INT4_KERNEL_ROWS the dense copy and one GEMM
+        inp = torch.randn(5, rows, 64)
+        torch.testing.assert_close(F.linear(inp, W), F.linear(inp, W.dense()), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_is_per_channel_symmetric_within_half_a_step():
+    x = torch.randn(40, 48)
+    W = packed(8, x, group=64)
+    step = x.abs().amax(1, keepdim=True) / 127
+    assert ((W.dense() - x).abs() <= step * 0.5 * 1.01).all()
+    bias = torch.randn(40)
+    for rows in (7, 100):  # the kernel; above INT8_KERNEL_ROWS dequantised into one GEMM
+        inp = torch.randn(rows, 48)
+        torch.testing.assert_close(F.linear(inp, W, bias), F.linear(inp, W.dense(), bias), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs_use_the_kernels_in_bf16():
+    x = torch.randn(48, 64)
+    W = packed(4, x, dtype=torch.bfloat16)
+    out = F.linear(torch.randn(2, 64).bfloat16(), W)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 48)
+
+
+def test_embedding_dequantises_only_the_rows_looked_up(monkeypatch):
+    x = torch.randn(96, 64)
+    E = packed(4, x, kind="embed")
+    monkeypatch.setattr(PackedWeight, "dense", lambda self: pytest.fail("the whole table was dequantised"))
+    ids = torch.tensor([[3, 95], [0, 3]])
+    want = dequantize(quantize(x, 4, 32, -1), torch.float32)[ids]
+    assert torch.equal(F.embedding(ids, E), want)
+
+
+@pytest.fixture(scope="module")
+def llama16(tmp_path_factory):
+    """A tiny GQA Llama whose matrices fit the int4 kernel (multiples of 16, groups of 32)."""
+    path = tmp_path_factory.mktemp("llama16")
+    return path, make_checkpoint(_llama(hidden_size=64, intermediate_size=128, num_key_value_heads=2), path)
+
+
+def run(path, *overrides, executor="reference"):
+    ids, mask = left_padded_batch(5)
+    with LLM(str(path), ["model.dtype=float32", "policy.gpu_batch_size=5", "policy.num_gpu_batches=1",
+                         "policy.compress_weight.group_size=32", f"executor.name={executor}", *overrides]) as llm:
+        out = llm.generate(ids, attention_mask=mask, max_new_tokens=6)
+        return out, llm.executor, ids, mask
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_run_matches_hf_with_the_kernels_weights(llama16, bits):
+    """The engine computes on the packed weights: HF with every compressed matrix replaced by the
+    kernel's effective weights generates the same tokens (float32, greedy)."""
+    path, model = llama16
+    out, ex, ids, mask = run(path, f"policy.compress_weight.bits={bits}")
+    assert len(ex.packed_layers) == len(ex.spec.layers) and "dequantize_s" not in ex.stats
+    fake = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in fake.named_parameters():
+            if p.dim() >= 2:
+                kind = "embed" if "embed" in name else "mlp"
+                p.copy_(packed(bits, p.detach().clone(), kind=kind).dense())
+        want = fake.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, want)
+
+
+def test_async_identical_and_false_switch_dequantises(llama16):
+    path, _ = llama16
+    ref, _, _, _ = run(path, "policy.compress_weight.bits=4")
+    out, _, _, _ = run(path, "policy.compress_weight.bits=4", executor="async")
+    assert torch.equal(out, ref)
+    _, ex, _, _ = run(path, "policy.compress_weight.bits=4", "executor.packed_weights=false")
+    assert not ex.packed_layers and ex.stats["dequantize_s"] > 0
+
+
+def test_prepacked_bf16_layers_are_bit_identical_to_f_linear(llama16):
+    """Dense bf16 weights on the device are reordered once for oneDNN; outputs do not change."""
+    path, _ = llama16
+    ids, mask = left_padded_batch(5)
+    outs = []
+    for on in ("true", "false"):
+        with LLM(str(path), ["model.dtype=bfloat16", "policy.gpu_batch_size=5", "policy.num_gpu_batches=1",
+                             f"executor.packed_weights={on}"]) as llm:
+            outs.append(llm.generate(ids, attention_mask=mask, max_new_tokens=6))
+            layers = llm.executor.packed_layers
+            assert layers == (set(range(1, len(llm.spec.layers))) if on == "true" else set())  # not the embedding
+    assert torch.equal(*outs)
