@@ -8,23 +8,10 @@ import torch
 from graphgen import LLM, costs
 from graphgen.scoring import encode_pair, rolling_windows
 
-from .fake_llm import make_opt_checkpoint, make_tokenizer
+from .fake_llm import make_llama_checkpoint, make_opt_checkpoint
 
 PAIRS = [("The cat sat on the", " mat"), ("Hello", " world, how are you?"), ("", "Empty context"),
          ("Trailing space ", "moves"), ("x" * 40, " y"), ("a", "b")]
-
-
-def make_llama_checkpoint(path, max_positions=128):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
-    torch.manual_seed(1)
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
