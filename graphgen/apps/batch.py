@@ -114,7 +114,8 @@ def generate_block(llm: Any, block: List[Request], *, seed: Optional[int], logpr
 
 def output_lines(llm: Any, block: List[Request], lines: List[Dict[str, Any]], logprobs: bool) -> List[Dict]:
     """Result lines in the shape each request came in: plain, or OpenAI batch output."""
-    model = getattr(llm.spec, "name", None) or "graphgen"
+    ckpt = getattr(llm, "checkpoint", None)  # the checkpoint dir's name, else the config's model name
+    model = ckpt.name if ckpt is not None else getattr(llm.spec, "name", None) or "graphgen"
     return [response_line(ln, r.openai, model, logprobs or r.gen.logprobs) if r.openai else ln
             for r, ln in zip(block, lines)]
 
