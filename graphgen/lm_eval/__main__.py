@@ -11,7 +11,9 @@ from __future__ import annotations
 import sys
 from typing import List, Optional, Sequence
 
-SUBCOMMANDS = ("run", "ls", "validate")
+from lm_eval.__main__ import cli_evaluate
+
+from . import model  # noqa: F401 (registers the `graphgen` model with lm-eval)
 
 
 def lm_eval_argv(argv: Sequence[str]) -> List[str]:
@@ -31,10 +33,6 @@ def lm_eval_argv(argv: Sequence[str]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from lm_eval.__main__ import cli_evaluate  # optional dependency (the eval extra)
-
-    from . import model  # noqa: F401 (registers the `graphgen` model with lm-eval)
-
     sys.argv = ["lm-eval", *lm_eval_argv(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
 
