@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from graphgen.apps.batch_io import (BadInputError, BadLine, GenSettings, JobRefused, Request,  # noqa: F401
-                                    append_durably, bad_input_message, check_output, id_key, lock_output,
+                                    append_durably, bad_input_message, check_output, file_format, id_key, lock_output,
                                     missing_dirs, read_input, remove_dirs, repair_output, validate,
                                     write_errors)
 from graphgen.apps.job_config import resolve_job
@@ -144,7 +144,8 @@ def run_batch(llm: Any, input_path, output_path, *, max_new_tokens: int = 32, te
     spec = llm.spec
     defaults = GenSettings(max_new_tokens, do_sample and temperature > 0, float(temperature) if temperature > 0
                            else 1.0, top_k, top_p)
-    records, bad, fmt = read_input(input_path, input_format)
+    fmt = file_format(input_path, input_format)  # openai: results in OpenAI's batch output shape
+    records, bad = read_input(input_path, fmt)
     requests, bad2 = validate(records, llm.tokenizer, defaults, normalize_stops(stop), spec.max_positions)
     bad = sorted(bad + bad2, key=lambda b: b.line)
     if any(r.gen.logprobs for r in requests) and not supports_logprobs(llm):

@@ -86,9 +86,16 @@ def detect_format(path: Path, lines: Sequence[bytes], fmt: str = "auto") -> str:
     return "jsonl" if first.startswith(b"{") else "text"
 
 
-def read_input(path: Path, fmt: str = "auto") -> Tuple[List[Record], List[BadLine], str]:
-    """File -> ([(line number, {"id", "prompt", ...}, line text)], bad lines, the format read).
-    Blank JSONL lines are ignored; OpenAI request lines become plain records (openai_batch.to_record)."""
+def file_format(path: Path, fmt: str = "auto") -> str:
+    """The format read_input reads path in (detect_format on the file's first non-blank line)."""
+    with open(path, "rb") as f:
+        first = next((ln for ln in f if ln.strip()), b"")
+    return detect_format(path, [first.removeprefix(BOM)], fmt)
+
+
+def read_input(path: Path, fmt: str = "auto") -> Tuple[List[Record], List[BadLine]]:
+    """File -> ([(line number, {"id", "prompt", ...}, line text)], bad lines). Blank JSONL lines are
+    ignored; OpenAI request lines become plain records (openai_batch.to_record)."""
     lines = path.read_bytes().removeprefix(BOM).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the final newline does not start a line
@@ -106,7 +113,7 @@ def read_input(path: Path, fmt: str = "auto") -> Tuple[List[Record], List[BadLin
             rec = _parse_json_line(n, text, bad, fmt)
             if rec is not None:
                 good.append((n, rec, text))
-    return good, bad, fmt
+    return good, bad
 
 
 def _parse_json_line(n: int, text: str, bad: List[BadLine], fmt: str = "jsonl") -> Optional[Dict[str, Any]]:
