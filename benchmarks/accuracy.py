@@ -29,6 +29,8 @@ SETTINGS = {  # name -> graphgen overrides
     "bf16": ["model.dtype=bfloat16"],
     "w8": ["model.dtype=bfloat16", "policy.compress_weight.bits=8"],
     "w4": ["model.dtype=bfloat16", "policy.compress_weight.bits=4"],
+    # the GGUF's own grid: Q4_1 keeps a scale and minimum per 32 values along each row, as graphgen does
+    "w4g32": ["model.dtype=bfloat16", "policy.compress_weight.bits=4", "policy.compress_weight.group_size=32"],
     "kv8": ["model.dtype=bfloat16", "policy.compress_cache.bits=8"],
     "kv4": ["model.dtype=bfloat16", "policy.compress_cache.bits=4"],
     "w4kv4": ["model.dtype=bfloat16", "policy.compress_weight.bits=4", "policy.compress_cache.bits=4"],
