@@ -11,7 +11,7 @@ import pytest
 
 from graphgen.lm_eval.__main__ import lm_eval_argv
 from tests.fake_llm import make_llama_checkpoint
-from tests.lm_eval.tasks import write_tasks
+from tests.lm_eval_backend.tasks import write_tasks
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 

@@ -15,7 +15,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from graphgen.lm_eval.model import GraphgenLM, overrides_of  # noqa: E402
 from tests.fake_llm import make_llama_checkpoint  # noqa: E402
-from tests.lm_eval.tasks import write_tasks  # noqa: E402
+from tests.lm_eval_backend.tasks import write_tasks  # noqa: E402
 
 TASKS = ["gg_mc", "gg_gen", "gg_text"]
 
