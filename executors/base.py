@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from graphgen.config import Config, tier_budgets
-from graphgen.costs import dtype_of
+from graphgen.costs import dtype_of, score_chunk
 from graphgen.models.base import ModelSpec, positions_from_mask
 from graphgen.models.weights import WeightSource
 from graphgen.sampling import Sampling, select_tokens, step_generator, token_logprobs
@@ -40,6 +40,7 @@ class BlockInputs:
     block: int = 0  # index of this block in the job (seeds sampling)
     row_seeds: Optional[torch.Tensor] = None  # [nb, B]: one seed per sequence, independent of its block
     return_logprobs: bool = False  # record log p(chosen token) per step
+    score_targets: Optional[torch.Tensor] = None  # [nb, B, S]: next token at each position to score, -1: not
 
 
 @dataclass
@@ -48,6 +49,7 @@ class BlockState:
     mask: torch.Tensor  # [nb, B, S + gen] on the device: prompt mask, then ones
     tokens: List[List[torch.Tensor]]  # [k][i] -> [B] ids
     logprobs: List[List[torch.Tensor]] = field(default_factory=list)  # [k][i] -> [B] float32
+    scores: Dict[int, tuple] = field(default_factory=dict)  # k -> (log p [B, S] float32, is greedy [B, S])
 
 
 class Executor:
@@ -239,6 +241,9 @@ class Executor:
         self.stats["peak_bytes"] = {name: t.peak for name, t in self.tiers.items()}
         lp = self.state.logprobs
         self.logprobs = torch.stack([torch.stack(t, -1) for t in lp]) if inputs.return_logprobs else None
+        sc = self.state.scores
+        self.scores = None if inputs.score_targets is None else \
+            tuple(torch.stack([sc[k][m] for k in range(nb)]) for m in (0, 1))  # [nb, B, S] each
         return torch.stack([torch.stack(t, -1) for t in self.state.tokens])
 
     def run_ops(self, ops) -> None:
@@ -316,8 +321,10 @@ class Executor:
         elif kind == "mlp":
             out = self.spec.mlp(w, dev.get(a["act_in"]))
         else:
-            out = None
-            self.sample(n, self.spec.head(w, dev.get(a["act_in"])[:, -1]))
+            out, h = None, dev.get(a["act_in"])
+            if i == 0 and self.state.inputs.score_targets is not None:
+                self.state.scores[k] = self.score(w, h, self.state.inputs.score_targets[k])
+            self.sample(n, self.spec.head(w, h[:, -1]))
         if out is not None:
             dev.put(("act",) + n, out)
         for buf, tier, kind, _ in a["frees"]:
@@ -352,6 +359,25 @@ class Executor:
         dev.put(buf, dense)  # replaces the compressed parts
         self.stats["dequantize_s"] = self.stats.get("dequantize_s", 0.0) + time.perf_counter() - t0
         return dense
+
+    def score(self, w, h: torch.Tensor, targets: torch.Tensor):
+        """Hidden states [B, S, H] -> (log p(target) [B, S], target is the argmax [B, S]) on the CPU, for
+        the positions with a target (>= 0; others 0 / True). Logits are made a chunk of positions at a
+        time (costs.score_chunk), so memory does not grow with vocabulary x length."""
+        B, S = targets.shape
+        lp, greedy = torch.zeros(B, S), torch.ones(B, S, dtype=torch.bool)
+        cols = (targets >= 0).any(0).nonzero()
+        if len(cols) == 0:
+            return lp, greedy
+        first = int(cols[0])
+        step = score_chunk(B, self.spec.vocab_size, S - first)
+        for c0 in range(first, S, step):
+            t = targets[:, c0:c0 + step].to(h.device)
+            logits = self.spec.head(w, h[:, c0:c0 + step]).float()  # [B, C, V] on the device
+            got = logits.gather(-1, t.clamp(min=0)[..., None])[..., 0]
+            lp[:, c0:c0 + step] = (got - torch.logsumexp(logits, -1)).cpu()
+            greedy[:, c0:c0 + step] = ((logits.argmax(-1) == t) | (t < 0)).cpu()
+        return lp.masked_fill_(targets < 0, 0.0), greedy
 
     def sample(self, n, logits: torch.Tensor) -> None:
         i, _, k = n

@@ -18,6 +18,7 @@ from .inputs import check_generate_args
 from .models.gguf import is_gguf, load as load_gguf, tokenizer as gguf_tokenizer
 from .models.weights import CheckpointWeights, DummyWeights, WeightSource, describe_missing
 from .perf.optimize import resolve_policy
+from . import scoring
 from .progress import Progress
 from .sampling import Sampling
 from .session import ChatSession
@@ -70,9 +71,9 @@ class LLM:
 
     # --- compile ------------------------------------------------------------------
     def compile(self, prompt_len: int, gen_len: int, batch: int, num_batches: int, past_len: int = 0,
-                cache_len: int = 0):
+                cache_len: int = 0, score: bool = False):
         """Graph -> passes, cached per shape. Refuses plans over budget before running."""
-        key = (prompt_len, gen_len, batch, num_batches, past_len, cache_len)
+        key = (prompt_len, gen_len, batch, num_batches, past_len, cache_len, score)
         if key not in self._graphs:
             while len(self._graphs) >= GRAPH_CACHE:  # graphs of big jobs are large: keep a few
                 self._graphs.pop(next(iter(self._graphs)))
@@ -113,28 +114,33 @@ class LLM:
                                         self.spec.max_positions)
         if row_seeds is not None and len(row_seeds) != len(ids):
             raise ValueError(f"seed has {len(row_seeds)} values for {len(ids)} prompts: give one per prompt")
-        new, logprobs = self._generate_ids(ids, mask, max_new_tokens, sampling, row_seeds, return_logprobs)
+        new, logprobs, _ = self._generate_ids(ids, mask, max_new_tokens, sampling, row_seeds, return_logprobs)
         out = torch.cat([inputs.long().cpu(), self._after_eos(new)], 1)  # the prompts as given
         if return_logprobs:
             return out, logprobs.masked_fill(self._after_eos_mask(new), 0.0)
         return out
 
-    def _generate_ids(self, ids, mask, gen_len: int, sampling: Sampling, row_seeds=None, logprobs=False):
+    def _generate_ids(self, ids, mask, gen_len: int, sampling: Sampling, row_seeds=None, logprobs=False,
+                      targets: Optional[torch.Tensor] = None):
+        """Block by block through the compiled graph -> (new tokens [B, gen_len], their log p or None,
+        scores or None). targets [B, S] (next token per position, -1: none): also score the prompts
+        (graphgen.scoring), returning (log p(target) [B, S], target is greedy [B, S])."""
         if self.session is not None:
             raise RuntimeError("a chat session is open on this LLM: close it before calling generate")
         B, S = ids.shape
         p = self.cfg.policy
         gbs = min(p.gpu_batch_size, B)
         nb = min(p.num_gpu_batches, math.ceil(B / gbs))
-        graph = self.compile(S, gen_len, gbs, nb)
+        graph = self.compile(S, gen_len, gbs, nb, score=targets is not None)
         block = gbs * nb
         n_blocks = math.ceil(B / block)
         pad = n_blocks * block - B  # the last block is filled with copies of the last prompt
         ids_p = torch.cat([ids, ids[-1:].expand(pad, S)]) if pad else ids
         mask_p = torch.cat([mask, mask[-1:].expand(pad, S)]) if pad else mask
         seeds_p = torch.cat([row_seeds, row_seeds[-1:].expand(pad)]) if row_seeds is not None and pad else row_seeds
+        tg_p = torch.cat([targets, targets[-1:].expand(pad, S)]) if targets is not None and pad else targets
         ex = self._executor()
-        outs, lps, stats = [], [], []
+        outs, lps, stats, scores = [], [], [], []
         n_ev = len(ex.trace.events) if ex.trace is not None else 0
         squares = graph.graph["num_layers"] * gen_len * nb
         bar = Progress(n_blocks, block * gen_len, squares, self.cfg.report.progress)
@@ -145,11 +151,14 @@ class LLM:
                 bar.start_block(b)
                 sl = slice(b * block, (b + 1) * block)
                 rs = seeds_p[sl].reshape(nb, gbs) if seeds_p is not None else None
+                tg = tg_p[sl].reshape(nb, gbs, S) if tg_p is not None else None
                 inp = BlockInputs(ids_p[sl].reshape(nb, gbs, S), mask_p[sl].reshape(nb, gbs, S), sampling, b,
-                                  rs, logprobs)
+                                  rs, logprobs, tg)
                 outs.append(ex.run_block(graph, inp).reshape(block, gen_len))
                 if logprobs:
                     lps.append(ex.logprobs.reshape(block, gen_len))
+                if tg is not None:
+                    scores.append([x.reshape(block, S) for x in ex.scores])
                 stats.append(ex.stats)
         finally:
             ex.on_compute = None
@@ -157,7 +166,8 @@ class LLM:
         self.last_stats = summarize(graph, stats, B, S, gen_len, time.perf_counter() - t0, self)
         if ex.trace is not None:  # this call's events: overlap, per-link busy time and GB/s
             self.last_stats.update(trace_metrics(ex.trace.events[n_ev:], graph))
-        return torch.cat(outs)[:B], (torch.cat(lps)[:B] if logprobs else None)
+        sc = tuple(torch.cat([s[m] for s in scores])[:B] for m in (0, 1)) if scores else None
+        return torch.cat(outs)[:B], (torch.cat(lps)[:B] if logprobs else None), sc
 
     def _after_eos_mask(self, new: torch.Tensor) -> torch.Tensor:
         """True strictly after each row's first eos."""
@@ -191,6 +201,22 @@ class LLM:
         out = self.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens, *sampling)
         new, eot = out[:, enc["input_ids"].shape[1]:], end_of_turn_ids(tok, self.spec.eos_token_id)
         return [finish(tok, r, new[b].tolist(), eos_token_id=eot).text for b, r in enumerate(rows)]
+
+    # --- score ----------------------------------------------------------------------
+    def score(self, contexts: Sequence[str], continuations: Sequence[str]) -> List[Tuple[float, bool]]:
+        """Per pair: (sum of log p(continuation | context), is the continuation greedy decoding's).
+        Tokenised as lm-evaluation-harness does; prefill-only blocks through the compiled graph."""
+        return scoring.score(self, contexts, continuations)
+
+    def score_tokens(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
+                     max_len: Optional[int] = None) -> List[Tuple[float, bool]]:
+        """score() on token ids: (context ids, continuation ids) pairs; the last max_len tokens are fed."""
+        return scoring.score_tokens(self, pairs, max_len)
+
+    def score_rolling(self, texts: Sequence[str], max_len: Optional[int] = None) -> List[float]:
+        """Log-likelihood of whole texts, longer than the context too: lm-eval's disjoint rolling windows
+        of max_len tokens (default: the model's context), each token scored once."""
+        return scoring.score_rolling(self, texts, max_len)
 
     def chat(self, max_context: Optional[int] = None):
         """A conversation that keeps its KV cache between turns (see graphgen.session)."""

@@ -41,19 +41,21 @@ def layer_attrs(spec: ModelSpec, sh: Shape, i: int) -> list:
 
 
 def build_graph(spec: ModelSpec, *, batch: int, num_batches: int, prompt_len: int,
-                gen_len: int, dtype: str = "float32", past_len: int = 0, cache_len: int = 0) -> nx.DiGraph:
+                gen_len: int, dtype: str = "float32", past_len: int = 0, cache_len: int = 0,
+                score: bool = False) -> nx.DiGraph:
     """All squares of one block (num_batches GPU batches of `batch` sequences) and their deps.
-    past_len > 0: a chat turn whose first past_len tokens are already in a cache of cache_len."""
+    past_len > 0: a chat turn whose first past_len tokens are already in a cache of cache_len.
+    score: the prefill head also scores every prompt position (log-likelihood; gen_len=1 for prefill only)."""
     if gen_len < 1 or prompt_len < 1:
         raise ValueError(f"workload needs prompt_len >= 1 and gen_len >= 1 (got {prompt_len}, {gen_len})")
-    total = past_len + prompt_len + gen_len
+    total = past_len + prompt_len + (gen_len - 1 if score else gen_len)  # scoring feeds nothing back
     if total > spec.max_positions:
         raise ValueError(f"prompt_len + gen_len = {total} exceeds the model's "
                          f"{spec.max_positions} positions: lower workload.prompt_len or workload.gen_len")
     if cache_len and total > cache_len:
         raise ValueError(f"{total} tokens do not fit the session's KV cache of {cache_len}")
     itemsize = costs.dtype_of(dtype).itemsize
-    sh = Shape(batch, prompt_len, gen_len, itemsize, past_len, cache_len)
+    sh = Shape(batch, prompt_len, gen_len, itemsize, past_len, cache_len, score)
     n_layers = len(spec.layers)
     attn = [j for j, layer in enumerate(spec.layers) if layer.kind == "attn"]
     g = nx.DiGraph(spec=spec, shape=sh, num_tokens=gen_len, num_layers=n_layers,

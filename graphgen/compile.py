@@ -32,6 +32,7 @@ class BlockShape:
     num_batches: int = 1
     past_len: int = 0  # tokens already in the KV cache (a chat session's earlier turns)
     cache_len: int = 0  # cache capacity to allocate (0: prompt + gen)
+    score: bool = False  # log-likelihood: the prefill head scores every prompt position
 
 
 def workload_shape(cfg: Config) -> BlockShape:
@@ -75,7 +76,7 @@ def compile(spec: ModelSpec, cfg: Config, shape: BlockShape) -> nx.DiGraph:  # n
     """Build the graph of `shape` for `spec` and run cfg.pipeline over it (verified after each pass)."""
     g = build_graph(spec, batch=shape.batch, num_batches=shape.num_batches, prompt_len=shape.prompt_len,
                     gen_len=shape.gen_len, dtype=cfg.model.dtype, past_len=shape.past_len,
-                    cache_len=shape.cache_len)
+                    cache_len=shape.cache_len, score=shape.score)
     try:
         return run_pipeline(g, cfg)
     except PassError as e:

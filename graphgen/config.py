@@ -138,7 +138,7 @@ class ParallelConfig:
 
 JOB_NAMES = ("generate", "batch", "simulate", "plan")  # the run modes (conf/job/)
 BAD_INPUT_MODES = ("skip", "stop")
-INPUT_FORMATS = ("auto", "jsonl", "text")
+INPUT_FORMATS = ("auto", "jsonl", "text", "openai")
 
 
 @dataclass
@@ -148,7 +148,7 @@ class JobConfig:
     name: str = "generate"
     input: Optional[str] = None  # batch: JSONL ({"id", "prompt"} per line) or text, one prompt a line
     output: Optional[str] = None  # batch: JSONL results, appended per block; re-run to resume
-    input_format: str = "auto"  # auto (by extension / first line) | jsonl | text
+    input_format: str = "auto"  # auto (OpenAI batch file by its first line, else by extension) | jsonl | text | openai
     on_bad_input: str = "skip"  # skip: report to <output>.errors.jsonl | stop: refuse to start
     max_new_tokens: Optional[int] = None  # None: workload.gen_len
     do_sample: Optional[bool] = None  # None: workload.do_sample

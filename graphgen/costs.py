@@ -26,6 +26,7 @@ class Shape:
     itemsize: int
     past_len: int = 0
     cache_len: int = 0  # 0: just this block (past + prompt + gen)
+    score: bool = False  # prefill also scores every prompt position (log p of the next token)
 
     @property
     def max_len(self) -> int:
@@ -72,8 +73,9 @@ def flops(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> float:
     B, s, L = sh.batch, sh.new_tokens(i), sh.context(i)
     if layer.kind == "embed":
         return 0.0
-    if layer.kind == "head":  # only the last position goes through the head
-        return 2.0 * B * sum(w.numel for w in layer.weights if len(w.shape) == 2)
+    if layer.kind == "head":  # only the last position goes through the head (all of them when scoring)
+        n = s + 1 if sh.score and i == 0 else 1
+        return 2.0 * B * n * sum(w.numel for w in layer.weights if len(w.shape) == 2)
     matmul = 2.0 * B * s * sum(w.numel for w in layer.weights if len(w.shape) == 2)
     if layer.kind == "attn":
         matmul += 4.0 * B * spec.num_heads * s * L * spec.head_dim  # q.k and p.v
@@ -96,6 +98,16 @@ def workspace_bytes(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> int
         return qkv_ctx + bias + cat + gqa
     if layer.kind == "mlp":
         return spec.mlp_buffers * B * s * spec.ffn_dim * it
+    if layer.kind == "head" and sh.score and i == 0:  # a chunk's logits + log-softmax, per-position results
+        return 2 * B * score_chunk(B, spec.vocab_size, s) * spec.vocab_size * 4 + B * s * (4 + 1)
     if layer.kind == "head":
         return B * spec.vocab_size * 4 * 2
     return B * s * spec.hidden_size * it
+
+
+SCORE_CHUNK_BYTES = 1 << 25  # float32 logits of one scoring chunk: 32 MiB, whatever the vocabulary
+
+
+def score_chunk(batch: int, vocab: int, positions: int) -> int:
+    """Positions whose logits are held at once when scoring: memory stays flat in vocab x length."""
+    return max(1, min(positions, SCORE_CHUNK_BYTES // (4 * batch * vocab)))

@@ -101,6 +101,20 @@ def make_opt_checkpoint(path, seed: int = 0, max_positions: int = 128):
     return path
 
 
+def make_llama_checkpoint(path, seed: int = 1, max_positions: int = 128):
+    """A tiny random Llama checkpoint (grouped KV heads, untied head) with the byte-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 class HFLLM:
     """transformers' own generate behind the LLM interface: the oracle for the apps."""
 

@@ -21,11 +21,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from graphgen.apps.batch_io import (BadInputError, BadLine, GenSettings, JobRefused, Request,  # noqa: F401
-                                    append_durably, bad_input_message, check_output, id_key, lock_output,
+                                    append_durably, bad_input_message, check_output, file_format, id_key, lock_output,
                                     missing_dirs, read_input, remove_dirs, repair_output, validate,
                                     write_errors)
 from graphgen.apps.job_config import resolve_job
 from graphgen.chat_template import end_of_turn_ids
+from graphgen.apps.openai_batch import response_line
 from graphgen.stopping import finish, normalize_stops
 
 
@@ -71,11 +72,12 @@ def left_pad(rows: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Te
 
 
 def block_seed(seed: Optional[int], block: List[Request]) -> Optional[List[int]]:
-    """One seed per prompt from the job seed and its id: a prompt samples the same tokens
-    whichever block it lands in, so a resumed run equals an uninterrupted one."""
-    if seed is None:
+    """One seed per prompt: its own (OpenAI body.seed), else from the job seed and its id: a prompt
+    samples the same tokens whichever block it lands in, so a resumed run equals an uninterrupted one."""
+    if seed is None and all(r.seed is None for r in block):
         return None
-    return [(seed * 1_000_003 + zlib.crc32(id_key(r.id).encode())) & 0x7FFF_FFFF for r in block]
+    return [r.seed & 0x7FFF_FFFF if r.seed is not None else
+            ((seed or 0) * 1_000_003 + zlib.crc32(id_key(r.id).encode())) & 0x7FFF_FFFF for r in block]
 
 
 def supports_logprobs(llm: Any) -> bool:
@@ -90,6 +92,7 @@ def generate_block(llm: Any, block: List[Request], *, seed: Optional[int], logpr
                    eos_id: Any, pad_id: int) -> List[Dict[str, Any]]:
     """One generate call for a block -> its output lines."""
     g = block[0].gen
+    logprobs = logprobs or g.logprobs
     input_ids, mask = left_pad([r.ids for r in block], pad_id)
     kw = dict(attention_mask=mask, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
               temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=seed)
@@ -109,6 +112,14 @@ def generate_block(llm: Any, block: List[Request], *, seed: Optional[int], logpr
             line["logprobs"] = {"tokens": c.tokens, "token_logprobs": c.logprobs}
         lines.append(line)
     return lines
+
+
+def output_lines(llm: Any, block: List[Request], lines: List[Dict[str, Any]], logprobs: bool) -> List[Dict]:
+    """Result lines in the shape each request came in: plain, or OpenAI batch output."""
+    ckpt = getattr(llm, "checkpoint", None)  # the checkpoint dir's name, else the config's model name
+    model = ckpt.name if ckpt is not None else getattr(llm.spec, "name", None) or "graphgen"
+    return [response_line(ln, r.openai, model, logprobs or r.gen.logprobs) if r.openai else ln
+            for r, ln in zip(block, lines)]
 
 
 # --- the job ---------------------------------------------------------------------------------
@@ -135,17 +146,21 @@ def run_batch(llm: Any, input_path, output_path, *, max_new_tokens: int = 32, te
     spec = llm.spec
     defaults = GenSettings(max_new_tokens, do_sample and temperature > 0, float(temperature) if temperature > 0
                            else 1.0, top_k, top_p)
-    records, bad = read_input(input_path, input_format)
+    fmt = file_format(input_path, input_format)  # openai: results in OpenAI's batch output shape
+    records, bad = read_input(input_path, fmt)
     requests, bad2 = validate(records, llm.tokenizer, defaults, normalize_stops(stop), spec.max_positions)
     bad = sorted(bad + bad2, key=lambda b: b.line)
+    if any(r.gen.logprobs for r in requests) and not supports_logprobs(llm):
+        raise ValueError("requests ask for logprobs, which need LLM.generate(..., return_logprobs=True); "
+                         "this LLM does not offer it")
     made = missing_dirs(output_path.parent)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     created = not output_path.exists()
     with open(output_path, "ab") as out:
         lock_output(out)  # first: a job refused here touches none of the running job's files
         try:
-            done, dropped = repair_output(output_path)  # refuses a file that is not a result file
-            write_errors(errors_path, bad)
+            done, dropped = repair_output(output_path, fmt)  # refuses a file that is not a result file
+            write_errors(errors_path, bad, fmt)
             if bad and on_bad_input == "stop" or not requests:
                 raise BadInputError(bad_input_message(bad, input_path, errors_path, stopped=bool(requests)))
         except ValueError:
@@ -178,7 +193,7 @@ def _run_blocks(llm, blocks, out, summary: BatchSummary, *, seed, logprobs, prog
         for block in blocks:
             lines = generate_block(llm, block, seed=block_seed(seed, block), logprobs=logprobs,
                                    eos_id=eos_id, pad_id=pad_id)
-            append_durably(out, lines)
+            append_durably(out, output_lines(llm, block, lines, logprobs))
             summary.generated += len(lines)
             summary.completion_tokens += sum(ln["completion_tokens"] for ln in lines)
             summary.seconds = time.perf_counter() - t0

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from graphgen.chat_template import chat_ids, check_messages
+from graphgen.apps import openai_batch
 from graphgen.stopping import normalize_stops
 
 MAX_SHOWN_ERRORS = 10
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors put first
 RECORD_START = b'{"id": '  # how append_durably begins every result line
 RESULT_FIELDS = ("id", "completion", "finish_reason")  # a result line has at least these
+OPENAI_RESULT_FIELDS = ("id", "custom_id", "response", "error")  # an OpenAI batch output line
 Record = Tuple[int, Dict[str, Any], str]  # line number, parsed line, line text
 
 
@@ -38,6 +40,7 @@ class GenSettings:
     temperature: float
     top_k: int
     top_p: float
+    logprobs: bool = False  # also record each chosen token's log-probability
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Request:
     gen: GenSettings
     stop: Tuple[str, ...] = ()
     messages: Optional[List[Dict[str, str]]] = None  # a conversation (chat template) instead of a prompt
+    seed: Optional[int] = None  # the request's own sampling seed (OpenAI body.seed)
+    openai: Optional[Dict[str, Any]] = None  # OpenAI batch request: {"url", "model"}; answered in its shape
 
 
 @dataclass
@@ -65,19 +70,34 @@ class BadLine:
 # --- input: read and validate -------------------------------------------------------------
 
 def detect_format(path: Path, lines: Sequence[bytes], fmt: str = "auto") -> str:
-    """jsonl | text: by extension, else by whether the first non-blank line is a JSON object."""
+    """openai | jsonl | text: an OpenAI batch file by its first line (a request with custom_id and
+    url/body), else by extension, else by whether the first non-blank line is a JSON object."""
+    first = next((ln.strip() for ln in lines if ln.strip()), b"")
+    if fmt == "jsonl" or (fmt == "auto" and path.suffix.lower() != ".txt"):
+        try:
+            if openai_batch.is_openai_request(json.loads(first)):
+                return "openai"
+        except ValueError:
+            pass
     if fmt != "auto":
         return fmt
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if path.suffix.lower() == ".txt":
         return "text"
-    first = next((ln.strip() for ln in lines if ln.strip()), b"")
     return "jsonl" if first.startswith(b"{") else "text"
 
 
+def file_format(path: Path, fmt: str = "auto") -> str:
+    """The format read_input reads path in (detect_format on the file's first non-blank line)."""
+    with open(path, "rb") as f:
+        first = next((ln for ln in f if ln.strip()), b"")
+    return detect_format(path, [first.removeprefix(BOM)], fmt)
+
+
 def read_input(path: Path, fmt: str = "auto") -> Tuple[List[Record], List[BadLine]]:
-    """File -> ([(line number, {"id", "prompt", ...}, line text)], bad lines). Blank JSONL lines are ignored."""
+    """File -> ([(line number, {"id", "prompt", ...}, line text)], bad lines). Blank JSONL lines are
+    ignored; OpenAI request lines become plain records (openai_batch.to_record)."""
     lines = path.read_bytes().removeprefix(BOM).split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the final newline does not start a line
@@ -92,18 +112,23 @@ def read_input(path: Path, fmt: str = "auto") -> Tuple[List[Record], List[BadLin
         if fmt == "text":
             good.append((n, {"id": n, "prompt": text}, text))
         elif text.strip():
-            rec = _parse_json_line(n, text, bad)
+            rec = _parse_json_line(n, text, bad, fmt)
             if rec is not None:
                 good.append((n, rec, text))
     return good, bad
 
 
-def _parse_json_line(n: int, text: str, bad: List[BadLine]) -> Optional[Dict[str, Any]]:
+def _parse_json_line(n: int, text: str, bad: List[BadLine], fmt: str = "jsonl") -> Optional[Dict[str, Any]]:
     try:
         rec = json.loads(text)
     except json.JSONDecodeError as e:
         bad.append(BadLine(n, f"invalid JSON: {e.msg} at column {e.colno}", text=text))
         return None
+    if fmt == "openai":
+        out, err = openai_batch.to_record(rec)
+        if err:
+            bad.append(BadLine(n, err, rec.get("custom_id") if isinstance(rec, dict) else None, text))
+        return out
     if not isinstance(rec, dict):
         bad.append(BadLine(n, f"expected a JSON object with id and prompt, got {type(rec).__name__}", text=text))
         return None
@@ -123,7 +148,8 @@ def validate(records: List[Record], tokenizer: Any, defaults: GenSettings,
     """Records -> requests that can run, and bad lines (type errors, empty or too-long prompts, duplicates)."""
     checked, bad = [], []
     for n, rec, text in records:
-        err = _check_fields(rec)
+        err = _chat_prompt(tokenizer, rec) if "messages" in rec else None
+        err = err or _check_fields(rec)
         if err:
             bad.append(BadLine(n, err, rec.get("id"), text))
         else:
@@ -149,6 +175,18 @@ def validate(records: List[Record], tokenizer: Any, defaults: GenSettings,
     return good, bad
 
 
+def _chat_prompt(tokenizer: Any, rec: Dict[str, Any]) -> Optional[str]:
+    """messages -> rec["prompt"], through the tokenizer's chat template; or what is wrong."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ("messages need a chat template, and this model's tokenizer has none: send a prompt "
+                "(OpenAI: url /v1/completions) instead")
+    try:
+        rec["prompt"] = tokenizer.apply_chat_template(rec["messages"], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 (a template's own error, raised by jinja for this message list)
+        return f"the chat template rejected these messages: {e}"
+    return None
+
+
 def _check_fields(rec: Dict[str, Any]) -> Optional[str]:
     i, p = rec["id"], rec.get("prompt")
     if isinstance(i, bool) or not isinstance(i, (str, int)):
@@ -170,6 +208,12 @@ def _check_fields(rec: Dict[str, Any]) -> Optional[str]:
     s = rec.get("stop")
     if s is not None and not (isinstance(s, str) or (isinstance(s, list) and all(isinstance(x, str) for x in s))):
         return f"stop must be a string or a list of strings, got {json.dumps(s)}"
+    tp = rec.get("top_p")
+    if tp is not None and (isinstance(tp, bool) or not isinstance(tp, (int, float)) or not 0 < tp <= 1):
+        return f"top_p must be a number in (0, 1], got {json.dumps(tp)}"
+    sd = rec.get("seed")
+    if sd is not None and (isinstance(sd, bool) or not isinstance(sd, int)):
+        return f"seed must be an integer, got {json.dumps(sd)}"
     return None
 
 
@@ -180,8 +224,13 @@ def _request(n: int, rec: Dict[str, Any], ids: List[int], d: GenSettings, stop: 
     if rec.get("temperature") is not None:  # a request's temperature picks sampling (> 0) or greedy (0)
         t = float(rec["temperature"])
         gen = GenSettings(gen.max_new_tokens, t > 0, t if t > 0 else 1.0, gen.top_k, gen.top_p)
+    if rec.get("top_p") is not None:
+        gen = GenSettings(gen.max_new_tokens, gen.do_sample, gen.temperature, gen.top_k, float(rec["top_p"]))
+    if rec.get("logprobs"):
+        gen = GenSettings(gen.max_new_tokens, gen.do_sample, gen.temperature, gen.top_k, gen.top_p, True)
     stops = normalize_stops(rec["stop"]) if rec.get("stop") is not None else tuple(stop)
-    return Request(n, rec["id"], rec.get("prompt", ""), ids, gen, stops, rec.get("messages"))
+    return Request(n, rec["id"], rec.get("prompt", ""), ids, gen, stops, messages=rec.get("messages"),
+                   seed=rec.get("seed"), openai=rec.get("openai"))
 
 
 def _check_request(r: Request, max_positions: Optional[int], seen: Dict[str, int]) -> Optional[str]:
@@ -205,13 +254,15 @@ def id_key(i: Any) -> str:
     return json.dumps(i)
 
 
-def write_errors(path: Path, bad: List[BadLine]) -> None:
-    """Rewrite the errors file (atomically) for this run's validation; remove it when clean."""
+def write_errors(path: Path, bad: List[BadLine], fmt: str = "jsonl") -> None:
+    """Rewrite the errors file (atomically) for this run's validation; remove it when clean.
+    fmt=openai: OpenAI batch error lines (openai_batch.error_line)."""
     if not bad:
         path.unlink(missing_ok=True)
         return
+    rows = [openai_batch.error_line(b.line, b.id, b.error) if fmt == "openai" else b.to_json() for b in bad]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(b.to_json(), ensure_ascii=False) + "\n" for b in bad), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -259,27 +310,29 @@ def remove_dirs(dirs: List[Path]) -> None:
             break
 
 
-def repair_output(path: Path) -> Tuple[set, int]:
+def repair_output(path: Path, fmt: str = "jsonl") -> Tuple[set, int]:
     """Drop the torn last record of a crash mid-write; return (ids already written, bytes dropped).
 
     Only a graphgen result file is touched: every complete line but the last must be a result
     line, and only the last record (the bytes after the last newline, else the last line) is
-    cut, when it is torn: NUL bytes (a crash after the size grew) or a partial result line."""
+    cut, when it is torn: NUL bytes (a crash after the size grew) or a partial result line.
+    fmt=openai: OpenAI batch output lines, whose request id is custom_id."""
+    fields, key = (OPENAI_RESULT_FIELDS, "custom_id") if fmt == "openai" else (RESULT_FIELDS, "id")
     if not path.exists():
         return set(), 0
     data = path.read_bytes()
     body, tail = data[:data.rfind(b"\n") + 1], data[data.rfind(b"\n") + 1:]
     lines = body.split(b"\n")[:-1]
     complete = not tail
-    if complete and lines and not is_result_line(lines[-1]):  # a complete but garbled last line
+    if complete and lines and not is_result_line(lines[-1], fields):  # a complete but garbled last line
         tail, lines = lines[-1] + b"\n", lines[:-1]
     done = set()
     for n, raw in enumerate(lines, start=1):
-        if not is_result_line(raw):
+        if not is_result_line(raw, fields):
             raise JobRefused(f"{path} is not a graphgen result file (line {n} is not a result line: "
                              f"{raw[:80]!r}); job.output must name a new file or an earlier job's results: "
                              "move it away or choose another job.output") from None
-        done.add(id_key(json.loads(raw)["id"]))
+        done.add(id_key(json.loads(raw)[key]))
     if tail and not is_torn(tail.removesuffix(b"\n"), complete):
         raise JobRefused(f"{path} is not a graphgen result file (its last line is not a result line: "
                          f"{tail[:80]!r}); job.output must name a new file or an earlier job's results: "
@@ -292,12 +345,12 @@ def repair_output(path: Path) -> Tuple[set, int]:
     return done, len(tail)
 
 
-def is_result_line(raw: bytes) -> bool:
+def is_result_line(raw: bytes, fields: Tuple[str, ...] = RESULT_FIELDS) -> bool:
     try:
         rec = json.loads(raw)
     except ValueError:
         return False
-    return isinstance(rec, dict) and all(k in rec for k in RESULT_FIELDS)
+    return isinstance(rec, dict) and all(k in rec for k in fields)
 
 
 def is_torn(record: bytes, complete: bool) -> bool:
