@@ -38,7 +38,8 @@ def check_messages(messages: Any) -> Optional[str]:
 def render(tokenizer: Any, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True) -> str:
     """The conversation as the template writes it (text, special tokens included)."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("this model's tokenizer has no chat template: send a plain prompt instead of "
+        raise ValueError("this model's tokenizer has no chat template: send a plain prompt (OpenAI batch: url "
+                         "/v1/completions) instead of "
                          "messages, or use a chat-tuned checkpoint (its tokenizer_config.json or GGUF "
                          "carries the template)")
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)

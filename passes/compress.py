@@ -76,7 +76,7 @@ def check_cache_groups(comp: Comp) -> None:
 def stored_setting(lay) -> Comp:
     """The setting that holds the most weight bytes among layers kept as the checkpoint stores them."""
     by: Dict[Tuple, int] = {}
-    for c, _, dense in lay:
+    for c, _, dense, _ in lay:
         if c:
             by[c] = by.get(c, 0) + dense
     return max(by, key=by.get) if by else None

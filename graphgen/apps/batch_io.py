@@ -148,8 +148,7 @@ def validate(records: List[Record], tokenizer: Any, defaults: GenSettings,
     """Records -> requests that can run, and bad lines (type errors, empty or too-long prompts, duplicates)."""
     checked, bad = [], []
     for n, rec, text in records:
-        err = _chat_prompt(tokenizer, rec) if "messages" in rec else None
-        err = err or _check_fields(rec)
+        err = _check_fields(rec)
         if err:
             bad.append(BadLine(n, err, rec.get("id"), text))
         else:
@@ -173,18 +172,6 @@ def validate(records: List[Record], tokenizer: Any, defaults: GenSettings,
             good.append(req)
     bad.sort(key=lambda b: b.line)
     return good, bad
-
-
-def _chat_prompt(tokenizer: Any, rec: Dict[str, Any]) -> Optional[str]:
-    """messages -> rec["prompt"], through the tokenizer's chat template; or what is wrong."""
-    if not getattr(tokenizer, "chat_template", None):
-        return ("messages need a chat template, and this model's tokenizer has none: send a prompt "
-                "(OpenAI: url /v1/completions) instead")
-    try:
-        rec["prompt"] = tokenizer.apply_chat_template(rec["messages"], tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 (a template's own error, raised by jinja for this message list)
-        return f"the chat template rejected these messages: {e}"
-    return None
 
 
 def _check_fields(rec: Dict[str, Any]) -> Optional[str]:
