@@ -6,7 +6,10 @@ The executor API every runtime implements:
     ex.stats                               # timings, bytes moved, peaks of the last block
     ex.close()                             # frees tiers, removes offload files
 Subclasses decide *when* ops run (reference: one by one; async: overlapped streams);
-what each op does lives here, so results cannot differ between them.
+what each op does lives here, so results cannot differ between them. The jobs beside the
+interpreter are mixed in from their own modules: weights (executors/weights.py), KV cache
+lifetime (kv_cache.py), the output head's sampling and scoring (heads.py), attention
+(attention.py).
 """
 from __future__ import annotations
 
@@ -18,18 +21,21 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from graphgen.config import Config, tier_budgets
-from graphgen.costs import dtype_of, score_chunk
+from graphgen.costs import dtype_of
 from graphgen.models.base import ModelSpec, positions_from_mask
 from graphgen.models.weights import WeightSource
-from graphgen.sampling import Sampling, select_tokens, step_generator, token_logprobs
+from graphgen.sampling import Sampling
 
 from . import compressed as cq
 from . import attention, memory, packed
-from .disk import DiskTier, Extent
+from .disk import DiskTier
 from .disk_io import ALIGN, CHUNK
+from .heads import Heads
+from .kv_cache import CacheLifetime
 from .tiers import Tier
 from .quant import temp_nbytes
 from .trace import Trace
+from .weights import WeightPlacement
 
 
 @dataclass
@@ -52,7 +58,7 @@ class BlockState:
     scores: Dict[int, tuple] = field(default_factory=dict)  # k -> (log p [B, S] float32, is greedy [B, S])
 
 
-class Executor:
+class Executor(WeightPlacement, CacheLifetime, Heads):
     name = "base"
 
     def __init__(self, spec: ModelSpec, weights: WeightSource, cfg: Config):
@@ -84,39 +90,6 @@ class Executor:
         self.stats: Dict = {}
 
     # --- setup ------------------------------------------------------------------
-    def place_weights(self, graph) -> None:
-        """Read each layer's weights once (tensor by tensor) into its home tier."""
-        homes = self.homes(graph)
-        comps = [(graph.nodes[(0, j, 0)].get("w_compressed"), bool(graph.nodes[(0, j, 0)].get("w_packed")))
-                 for j in range(graph.graph["num_layers"])]  # (setting, computed on packed kernels)
-        if homes == self.w_homes and comps == self.w_comps:  # placed (and quantised) once per run
-            return
-        for j in range(len(self.w_homes or [])):
-            if self.w_homes[j] is not None:
-                self.tiers[self.w_homes[j]].pop(("w", j))
-        self.packed_layers.clear()
-        for j, layer in enumerate(self.spec.layers):
-            if homes[j] is None:  # another pipeline stage's layer
-                continue
-            tier = self.tiers[homes[j]]
-            comp, kernel = comps[j]
-            extents = self.in_place(layer) if homes[j] == "disk" and not comp else None
-            if extents is not None:  # already on disk in the checkpoint: read from there, not copied
-                tier.put_external(("w", j), extents, self.dtype)
-            elif comp:  # quantised once here; loads move the compressed bytes
-                tier.put(("w", j), {name: self.to_tier(t, tier) for name, t in cq.quantize_layer(
-                    layer, self.source, comp, self.dtype, self.device, kernel).items()})
-                if kernel:
-                    self.packed_layers.add(j)
-            else:
-                value = {w.name: self.to_tier(self.source.get(w, self.dtype), tier) for w in layer.weights}
-                if self.packed_ok and homes[j] == "device" and packed.can_prepack(layer, self.dtype):
-                    value = packed.prepack(layer, value, graph.graph["shape"].batch)
-                    self.packed_layers.add(j)
-                tier.put(("w", j), value)
-        self.w_homes, self.w_comps = homes, comps
-        self.source.close()  # unmap the checkpoint files read (reopened if weights move again)
-
     def runs_layer(self, graph, j: int) -> bool:
         """Whether this process runs layer j (a pipeline stage runs only its own: executors/pipeline.py)."""
         return True
@@ -129,62 +102,6 @@ class Executor:
     def planned_peaks(self, graph) -> Dict[str, int]:
         """The memory plan's peaks per tier for what this process runs."""
         return graph.graph.get("peak_bytes", {})
-
-    def to_tier(self, t: torch.Tensor, tier: Tier) -> torch.Tensor:
-        """A weight tensor moved to the tier's memory (host weights pinned on a GPU machine)."""
-        if tier.name == "host" and self.device.type == "cuda" and self.cfg.executor.pin_weight:
-            return t.pin_memory()
-        return t.to(tier.device)
-
-    def in_place(self, layer) -> Optional[List[Extent]]:
-        """Where a layer's weights lie raw in the checkpoint, if all do with the run's item size
-        (and they are not compressed): then the disk tier reads them there."""
-        if self.cfg.policy.compress_weight.bits:
-            return None
-        out = []
-        for w in layer.weights:
-            loc = self.source.locate(w)
-            if loc is None or loc[2].itemsize != self.dtype.itemsize or not loc[2].is_floating_point:
-                return None
-            out.append(Extent(w.name, loc[0], loc[1], loc[2], tuple(w.shape)))
-        return out
-
-    def check_disk(self, graph) -> None:
-        """Before anything is written: the offload dir must hold what the plan puts there."""
-        disk = self.tiers["disk"]
-        planned = self.planned_peaks(graph).get("disk", 0)
-        if planned == 0:
-            return
-        homes = self.homes(graph)
-        in_place = 0
-        if homes != self.w_homes:  # weights about to be placed: those read in place need no space
-            in_place = sum(nbytes_of(layer, self.dtype) for layer, h in zip(self.spec.layers, homes)
-                           if h == "disk" and self.in_place(layer) is not None)
-        disk.check_space(planned - disk.used - in_place)
-
-    def alloc_caches(self, graph) -> None:
-        sh, spec = graph.graph["shape"], self.spec
-        shape = (2, sh.max_len, sh.batch, spec.num_kv_heads, spec.head_dim)
-        for k in range(graph.graph["num_batches"]):
-            for layer in spec.layers:
-                if layer.kind == "attn" and self.runs_layer(graph, layer.index):
-                    a = graph.nodes[(0, layer.index, k)]
-                    key, comp, tier = ("kv", layer.index, k), a.get("kv_compressed"), self.tiers[a["kv_home"]]
-                    if cq.cache_key(key, comp) not in tier:  # a session's cache persists
-                        cq.alloc_cache(tier, key, shape, self.dtype, comp)
-
-    def free_block(self, graph) -> None:
-        keep = ("w", "kv") if self.keep_cache else ("w",)
-        for tier in self.tiers.values():
-            for key in [key for key in tier.values if key[0] not in keep]:
-                tier.pop(key)
-        self.tiers["disk"].buffers.clear()
-
-    def drop_cache(self) -> None:
-        """End a session: free the KV caches kept across blocks."""
-        for tier in self.tiers.values():
-            for key in [key for key in tier.values if key[0] == "kv"]:
-                tier.pop(key)
 
     # --- running ------------------------------------------------------------------
     def run_block(self, graph, inputs: BlockInputs) -> torch.Tensor:
@@ -339,60 +256,6 @@ class Executor:
             self._pos[k] = ((L, s), positions_from_mask(self.state.mask[k][:, :L])[:, L - s:])
         return self._pos[k][1]
 
-    def recycle_weights(self, j: int, a, value) -> None:
-        """A layer's working copy after its last square: its buffers serve the next loads (CPU)."""
-        work = []
-        if a.get("w_compressed") and self.work is not None and j not in self.packed_layers:  # dequantised copy
-            work = cq.dequantized(self.spec.layers[j], value)
-            self.work.give(work)
-        if a["w_home"] == "disk" and self.device.type == "cpu":  # read from disk: nobody else holds it
-            ids = {id(t) for t in work}
-            self.tiers["disk"].buffers.give({n: t for n, t in value.items() if id(t) not in ids}
-                                            if isinstance(value, dict) else value)
-
-    def dequantize_weights(self, buf, j: int, comp) -> dict:
-        """The compressed layer j in the device tier's w_buf -> its dense working copy, in place of
-        it. On the compute stream, just before use: the load stream meanwhile reads the next layer."""
-        t0 = time.perf_counter()
-        dev = self.tiers["device"]
-        dense = cq.dequantize_layer(self.spec.layers[j], dev.get(buf), comp, self.dtype, self.work)
-        dev.put(buf, dense)  # replaces the compressed parts
-        self.stats["dequantize_s"] = self.stats.get("dequantize_s", 0.0) + time.perf_counter() - t0
-        return dense
-
-    def score(self, w, h: torch.Tensor, targets: torch.Tensor):
-        """Hidden states [B, S, H] -> (log p(target) [B, S], target is the argmax [B, S]) on the CPU, for
-        the positions with a target (>= 0; others 0 / True). Logits are made a chunk of positions at a
-        time (costs.score_chunk), so memory does not grow with vocabulary x length."""
-        B, S = targets.shape
-        lp, greedy = torch.zeros(B, S), torch.ones(B, S, dtype=torch.bool)
-        cols = (targets >= 0).any(0).nonzero()
-        if len(cols) == 0:
-            return lp, greedy
-        first = int(cols[0])
-        step = score_chunk(B, self.spec.vocab_size, S - first)
-        for c0 in range(first, S, step):
-            t = targets[:, c0:c0 + step].to(h.device)
-            logits = self.spec.head(w, h[:, c0:c0 + step]).float()  # [B, C, V] on the device
-            got = logits.gather(-1, t.clamp(min=0)[..., None])[..., 0]
-            lp[:, c0:c0 + step] = (got - torch.logsumexp(logits, -1)).cpu()
-            greedy[:, c0:c0 + step] = ((logits.argmax(-1) == t) | (t < 0)).cpu()
-        return lp.masked_fill_(targets < 0, 0.0), greedy
-
-    def sample(self, n, logits: torch.Tensor) -> None:
-        i, _, k = n
-        st, s = self.state, self.state.inputs.sampling
-        logits = logits.cpu()
-        if st.inputs.row_seeds is not None and s.do_sample:  # each row its own stream of randomness
-            seeds = st.inputs.row_seeds[k].tolist()
-            toks = torch.cat([select_tokens(logits[r:r + 1], s, step_generator(seed, 0, 0, i))
-                              for r, seed in enumerate(seeds)])
-        else:
-            toks = select_tokens(logits, s, step_generator(s.seed, st.inputs.block, k, i))
-        st.tokens[k].append(toks)
-        if st.inputs.return_logprobs:
-            st.logprobs[k].append(token_logprobs(logits, toks, s))
-
     def close(self) -> None:
         for t in self.tiers.values():
             t.close()
@@ -423,10 +286,6 @@ def check_runnable(graph, pipeline) -> None:
         raise ValueError(f"pipeline={list(pipeline)} leaves the graph unrunnable (missing "
                         f"{missing or ['ops / peak_bytes']}): keep order, place_tensors, delegate_cpu_attention, "
                         "insert_io and plan_memory in it")
-
-
-def nbytes_of(layer, dtype: torch.dtype) -> int:
-    return layer.numel * dtype.itemsize
 
 
 def planned_ram(peaks: Dict[str, int], device: torch.device) -> int:
