@@ -16,20 +16,13 @@ from graphgen.apps.batch import (BadInputError, lock_output, main, plan_blocks, 
                                  run_batch)
 from graphgen.apps.job_config import JobConfig, resolve_job  # noqa: E402
 
+from .jsonl import read_jsonl, write_jsonl  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def write_jsonl(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
-
-
-def read_out(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def ids_of(path):
-    return sorted(str(r["id"]) for r in read_out(path))
+    return sorted(str(r["id"]) for r in read_jsonl(path))
 
 
 def test_end_to_end_jsonl_with_eos_stop_and_length(tmp_path):
@@ -40,7 +33,7 @@ def test_end_to_end_jsonl_with_eos_stop_and_length(tmp_path):
         {"id": "c", "prompt": "Count", "max_new_tokens": 4, "stop": []},
     ])
     s = run_batch(llm, inp, tmp_path / "out.jsonl", max_new_tokens=16, stop=["\n\nQ:"], progress=False)
-    out = {r["id"]: r for r in read_out(tmp_path / "out.jsonl")}
+    out = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
     assert s.generated == 3 and s.total == 3
     assert out["fr"]["completion"] == " Paris" and out["fr"]["finish_reason"] == "stop"
     assert out["fr"]["completion_tokens"] == len(" Paris\n\nQ:")
@@ -67,7 +60,7 @@ def test_bad_lines_are_reported_with_line_numbers_and_skipped(tmp_path):
     llm = FakeLLM()
     inp = write_jsonl(tmp_path / "in.jsonl", BAD_INPUT)
     s = run_batch(llm, inp, tmp_path / "out.jsonl", max_new_tokens=8, progress=False)
-    errors = read_out(tmp_path / "out.jsonl.errors.jsonl")
+    errors = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
     assert [e["line"] for e in errors] == [2, 3, 4, 5, 6, 7]
     msgs = [e["error"] for e in errors]
     assert "invalid JSON" in msgs[0] and "missing field(s): prompt" in msgs[1] and msgs[2] == "empty prompt"
@@ -82,7 +75,7 @@ def test_on_bad_input_stop_generates_nothing(tmp_path):
     with pytest.raises(BadInputError, match=r"(?s)6 bad input line\(s\).*line 2: invalid JSON.*on_bad_input=skip"):
         run_batch(llm, inp, tmp_path / "out.jsonl", max_new_tokens=8, on_bad_input="stop", progress=False)
     assert llm.calls == [] and not (tmp_path / "out.jsonl").exists()
-    assert len(read_out(tmp_path / "out.jsonl.errors.jsonl")) == 6
+    assert len(read_jsonl(tmp_path / "out.jsonl.errors.jsonl")) == 6
 
 
 def test_cli_entry_stops_with_a_message_not_a_traceback(tmp_path):
@@ -96,9 +89,9 @@ def test_text_input_ids_are_line_numbers(tmp_path):
     inp = tmp_path / "prompts.txt"
     inp.write_text("first prompt\n\nthird prompt\r\n")
     run_batch(FakeLLM(), inp, tmp_path / "out.jsonl", max_new_tokens=4, progress=False)
-    out = {r["id"]: r for r in read_out(tmp_path / "out.jsonl")}
+    out = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
     assert sorted(out) == [1, 3] and out[3]["prompt"] == "third prompt"
-    assert read_out(tmp_path / "out.jsonl.errors.jsonl")[0] == {"line": 2, "id": 2, "error": "empty prompt",
+    assert read_jsonl(tmp_path / "out.jsonl.errors.jsonl")[0] == {"line": 2, "id": 2, "error": "empty prompt",
                                                                 "input": ""}
 
 
@@ -212,7 +205,7 @@ def test_utf8_bom_is_not_a_bad_first_line(tmp_path):
     s = run_batch(FakeLLM(), inp, tmp_path / "out.jsonl", max_new_tokens=2, progress=False)
     assert s.generated == 1 and not s.bad_lines
     run_batch(FakeLLM(), txt, tmp_path / "out2.jsonl", max_new_tokens=2, progress=False)
-    assert read_out(tmp_path / "out2.jsonl")[0]["prompt"] == "hello"
+    assert read_jsonl(tmp_path / "out2.jsonl")[0]["prompt"] == "hello"
 
 
 def test_a_job_whose_every_line_was_rejected_fails(tmp_path):
@@ -221,7 +214,7 @@ def test_a_job_whose_every_line_was_rejected_fails(tmp_path):
     with pytest.raises(SystemExit, match=r"(?s)no prompt of .* could run.*line 1: invalid JSON") as e:
         main(job, FakeLLM())
     assert e.value.code not in (0, None)
-    assert not (tmp_path / "o.jsonl").exists() and len(read_out(tmp_path / "o.jsonl.errors.jsonl")) == 2
+    assert not (tmp_path / "o.jsonl").exists() and len(read_jsonl(tmp_path / "o.jsonl.errors.jsonl")) == 2
 
 
 def test_second_writer_on_the_same_output_is_refused(tmp_path):
@@ -236,7 +229,7 @@ def test_logprobs_per_completion_token(tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a", "stop": "\n"}])
     llm = FakeLLM({"a": "xy\nz"})
     run_batch(llm, inp, tmp_path / "out.jsonl", max_new_tokens=6, logprobs=True, progress=False)
-    r = read_out(tmp_path / "out.jsonl")[0]
+    r = read_jsonl(tmp_path / "out.jsonl")[0]
     assert r["logprobs"] == {"tokens": ["x", "y", "\n"], "token_logprobs": [-0.5, -1.0, -1.5]}
 
 
@@ -284,7 +277,7 @@ def test_sigkill_mid_run_then_rerun_writes_every_id_once(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL
-        partial = read_out(out)  # every line on disk is whole JSON
+        partial = read_jsonl(out)  # every line on disk is whole JSON
         assert len(partial) < n and len({r["id"] for r in partial}) == len(partial)
     s = run_batch(FakeLLM(block_size=3), inp, out, max_new_tokens=5, progress=False)
     assert s.already_done + s.generated == n and s.already_done >= 12
@@ -324,7 +317,7 @@ def test_real_engine_matches_transformers_through_the_batch_job(tiny_opt, tmp_pa
     s = run_batch(real_llm(tiny_opt, "schedule=zigzag"), inp, tmp_path / "gg.jsonl", **kw)
     run_batch(HFLLM(tiny_opt), inp, tmp_path / "hf.jsonl", **kw)
     assert s.generated == 10 and [b.id for b in s.bad_lines] == ["long"]  # 60 + 6 > 64 positions
-    by_id = lambda p: {r["id"]: r for r in read_out(p)}  # noqa: E731
+    by_id = lambda p: {r["id"]: r for r in read_jsonl(p)}  # noqa: E731
     assert by_id(tmp_path / "gg.jsonl") == by_id(tmp_path / "hf.jsonl")
 
 
@@ -334,7 +327,7 @@ def test_real_engine_sampling_is_reproducible_with_a_seed(tiny_opt, tmp_path):
     kw = dict(max_new_tokens=5, do_sample=True, temperature=0.9, top_p=0.9, seed=7, progress=False)
     run_batch(llm, inp, tmp_path / "a.jsonl", **kw)
     run_batch(llm, inp, tmp_path / "b.jsonl", **kw)
-    assert read_out(tmp_path / "a.jsonl") == read_out(tmp_path / "b.jsonl")
+    assert read_jsonl(tmp_path / "a.jsonl") == read_jsonl(tmp_path / "b.jsonl")
 
 
 REAL_KILL_SCRIPT = """
@@ -359,7 +352,7 @@ def test_real_engine_sigkill_then_rerun(tiny_opt, tmp_path):
     wait_for_lines(out, 6, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(read_out(out))
+    done_before = len(read_jsonl(out))
     assert 6 <= done_before < n, "the job finished before it could be killed: give it more prompts"
     s = run_batch(real_llm(tiny_opt, "policy.gpu_batch_size=2", "policy.num_gpu_batches=1"), inp, out,
                   max_new_tokens=8, progress=False)
@@ -378,7 +371,7 @@ def test_messages_lines_use_the_chat_template_and_stop_at_end_of_turn(smollm2, t
                       {"id": "bad", "messages": [{"role": "user"}]},
                       {"id": "both", "prompt": "x", "messages": chat}])
     s = run_batch(smollm2, inp, out, max_new_tokens=12, progress=False)
-    lines = {r["id"]: r for r in read_out(out)}
+    lines = {r["id"]: r for r in read_jsonl(out)}
     assert set(lines) == {"chat", "plain"} and len(s.bad_lines) == 2
     assert lines["chat"]["messages"] == chat and "prompt" not in lines["chat"]
     assert "Paris" in lines["chat"]["completion"] and lines["chat"]["finish_reason"] == "eos"

@@ -11,6 +11,8 @@ from graphgen.apps.batch import run_batch
 from graphgen.apps.batch_io import detect_format
 from graphgen.apps.openai_batch import CHAT, COMPLETIONS
 
+from .jsonl import read_jsonl, write_jsonl
+
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 
@@ -29,18 +31,9 @@ def req(cid, url=CHAT, **body):
     return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "m", **body}}
 
 
-def write(path, lines):
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-    return path
-
-
-def read(path):
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 def test_chat_and_completion_bodies_parse_with_the_openai_package(tmp_path):
     llm = chat_llm({"<user>hi\n<assistant>": " hello</s>", "Count": " 1 2 3 4 5"})
-    inp = write(tmp_path / "batch.jsonl", [
+    inp = write_jsonl(tmp_path / "batch.jsonl", [
         req("c1", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=8),
         req("p1", COMPLETIONS, prompt="Count", max_tokens=8, stop=["3"]),
         req("p2", COMPLETIONS, prompt=["Count"], max_tokens=3, logprobs=0),
@@ -48,7 +41,7 @@ def test_chat_and_completion_bodies_parse_with_the_openai_package(tmp_path):
     ])
     s = run_batch(llm, inp, tmp_path / "out.jsonl", max_new_tokens=16, progress=False)
     assert s.generated == 4 and not s.bad_lines
-    out = {r["custom_id"]: r for r in read(tmp_path / "out.jsonl")}
+    out = {r["custom_id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
     assert set(out["c1"]) == {"id", "custom_id", "response", "error"} and out["c1"]["error"] is None
     assert out["c1"]["response"]["status_code"] == 200 and out["c1"]["response"]["request_id"]
     chat = ChatCompletion.model_validate(out["c1"]["response"]["body"])
@@ -89,10 +82,10 @@ BAD = [
 
 
 def test_bad_lines_become_openai_error_lines_and_the_rest_runs(tmp_path):
-    inp = write(tmp_path / "in.jsonl", BAD)
+    inp = write_jsonl(tmp_path / "in.jsonl", BAD)
     s = run_batch(chat_llm(), inp, tmp_path / "out.jsonl", max_new_tokens=4, progress=False)
-    assert s.generated == 1 and [r["custom_id"] for r in read(tmp_path / "out.jsonl")] == ["ok"]
-    errs = read(tmp_path / "out.jsonl.errors.jsonl")
+    assert s.generated == 1 and [r["custom_id"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["ok"]
+    errs = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
     assert [e["error"]["line"] for e in errs] == [2, 3, 4, 5, 6, 7, 8, 9]
     for e in errs:
         assert set(e) == {"id", "custom_id", "response", "error"} and e["response"] is None
@@ -109,27 +102,27 @@ def test_bad_lines_become_openai_error_lines_and_the_rest_runs(tmp_path):
 
 
 def test_chat_without_a_template_is_a_line_error(tmp_path):
-    inp = write(tmp_path / "in.jsonl", [req("c"), req("p", COMPLETIONS)])
+    inp = write_jsonl(tmp_path / "in.jsonl", [req("c"), req("p", COMPLETIONS)])
     s = run_batch(FakeLLM(), inp, tmp_path / "out.jsonl", max_new_tokens=2, progress=False)
     assert s.generated == 1
-    err = read(tmp_path / "out.jsonl.errors.jsonl")[0]["error"]
+    err = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")[0]["error"]
     assert err["line"] == 1 and "chat template" in err["message"] and "/v1/completions" in err["message"]
 
 
 def test_resume_writes_every_custom_id_once(tmp_path):
-    inp = write(tmp_path / "in.jsonl", [req(f"r{i}", COMPLETIONS, prompt="p" * (i + 1)) for i in range(10)])
+    inp = write_jsonl(tmp_path / "in.jsonl", [req(f"r{i}", COMPLETIONS, prompt="p" * (i + 1)) for i in range(10)])
     out = tmp_path / "out.jsonl"
     run_batch(chat_llm(), inp, out, max_new_tokens=2, progress=False, block_size=4)
     lines = out.read_bytes().split(b"\n")
     out.write_bytes(b"\n".join(lines[:3]) + b"\n" + lines[3][:10])  # 3 whole lines and a torn one
     s = run_batch(chat_llm(), inp, out, max_new_tokens=2, progress=False, block_size=4)
     assert s.already_done == 3 and s.generated == 7 and s.repaired_bytes == 10
-    assert sorted(r["custom_id"] for r in read(out)) == sorted(f"r{i}" for i in range(10))
+    assert sorted(r["custom_id"] for r in read_jsonl(out)) == sorted(f"r{i}" for i in range(10))
 
 
 def test_request_settings_reach_generate(tmp_path):
     llm = chat_llm()
-    inp = write(tmp_path / "in.jsonl", [req("s", COMPLETIONS, temperature=0.7, top_p=0.9, seed=123, max_tokens=3),
+    inp = write_jsonl(tmp_path / "in.jsonl", [req("s", COMPLETIONS, temperature=0.7, top_p=0.9, seed=123, max_tokens=3),
                                        req("g", COMPLETIONS, temperature=0, max_tokens=5)])
     run_batch(llm, inp, tmp_path / "out.jsonl", max_new_tokens=16, progress=False)
     calls = {c["max_new_tokens"]: c for c in llm.calls}
