@@ -36,15 +36,16 @@ def mark_decode_ops() -> None:
     Executor.execute = marked
 
 
-def per_op(prof) -> collections.Counter:
-    """Self CPU microseconds of each op whose ancestors include a DECODE range."""
+def per_op(prof, shapes: bool = False) -> collections.Counter:
+    """Self CPU microseconds of each op whose ancestors include a DECODE range (per op and input
+    shapes with `shapes`)."""
     tot = collections.Counter()
     for e in prof.events():
         a = e.cpu_parent
         while a is not None and a.name != "DECODE":
             a = a.cpu_parent
         if a is not None and e.name != "DECODE":
-            tot[e.name] += e.self_cpu_time_total
+            tot[f"{e.name} {e.input_shapes}" if shapes else e.name] += e.self_cpu_time_total
     return tot
 
 
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=9)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--executor", default="reference")
+    ap.add_argument("--shapes", action="store_true", help="one row per op and input shapes")
+    ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("overrides", nargs="*", help="more graphgen overrides, e.g. policy.compress_weight.bits=4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,17 +71,18 @@ def main() -> None:
         llm.generate(ids[:, :8], max_new_tokens=2)  # warm-up: places the weights
         llm.generate(ids, max_new_tokens=G)
         plain = llm.last_stats["decode_s"]
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
             llm.generate(ids, max_new_tokens=G)
     n = G - 1
     print(f"decode {B * n / plain:.1f} tok/s ({plain / n * 1e3:.1f} ms/step) unprofiled; "
           f"load average {os.getloadavg()[0]:.1f}")
-    tot = per_op(prof)
+    tot = per_op(prof, args.shapes)
     total = sum(tot.values())
-    print(f"{'op (self CPU inside decode squares)':<50} {'ms/step':>8} {'%':>5}")
-    for name, t in tot.most_common(16):
-        print(f"{name[:50]:<50} {t / n / 1e3:8.2f} {100 * t / total:5.1f}")
-    print(f"{'all ops':<50} {total / n / 1e3:8.2f}")
+    w = 100 if args.shapes else 50
+    print(f"{'op (self CPU inside decode squares)':<{w}} {'ms/step':>8} {'%':>5}")
+    for name, t in tot.most_common(args.rows):
+        print(f"{name[:w]:<{w}} {t / n / 1e3:8.2f} {100 * t / total:5.1f}")
+    print(f"{'all ops':<{w}} {total / n / 1e3:8.2f}")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class AsyncExecutor(Executor):
         self._mark = time.perf_counter()
         self._last_kind = "prefill"
         workers = [threading.Thread(target=self._worker, args=(s, plan), name=f"graphgen-{s}", daemon=True)
-                   for s in STREAMS if s != "compute"]
+                   for s in STREAMS if s != "compute" and plan.ops[s]]
         for w in workers:
             w.start()
         try:
@@ -98,7 +98,10 @@ class AsyncExecutor(Executor):
             self._taken[st] = self.tiers[b["src"]].pop(b["buf"])
 
     def store(self, node, b) -> None:
-        self.put_stored(b, self._taken.pop(node))
+        if node in self._taken:  # on the store stream: its value was taken when its square finished
+            self.put_stored(b, self._taken.pop(node))
+        else:  # run inline on the compute stream (a CPU copy within RAM): as the reference executor
+            super().store(node, b)
 
     def _worker(self, stream: str, plan: StreamPlan) -> None:
         try:

@@ -27,8 +27,7 @@ def plan_streams(graph, ops, store_lag: int = STORE_LAG) -> StreamPlan:
     lists: Dict[str, List] = {s: [] for s in STREAMS}
     pos = {}
     for n in ops:
-        op = A[n].get("op", "compute")
-        s = STREAM_OF.get(op, op)
+        s = stream_of(A[n])
         pos[n] = (s, len(lists[s]))
         lists[s].append(n)
     load_slots = [A[n]["slot"] for n in lists["load"]]
@@ -55,6 +54,13 @@ def plan_streams(graph, ops, store_lag: int = STORE_LAG) -> StreamPlan:
     for n in lists["store"]:
         stores_of[A[n]["square"]].append(n)
     return StreamPlan(lists, waits, dict(stores_of))
+
+
+def stream_of(a) -> str:
+    """The stream that runs a node: its own `stream` (passes/insert_io.py: CPU copies within RAM
+    run on compute), or by its op."""
+    op = a.get("op", "compute")
+    return a.get("stream") or STREAM_OF.get(op, op)
 
 
 def _producers(graph, n, a):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Tuple
 
 from ..costs import kv_slice_bytes
-from ..streams import STREAM_OF, STREAMS, plan_streams
+from ..streams import STREAM_OF, STREAMS, plan_streams, stream_of
 
 _RANK = {"device": 0, "host": 1, "disk": 2}
 
@@ -289,7 +289,7 @@ class _Costs:
                     self.link_b[link] += b["bytes"]
             else:
                 link = f"{b['src']}->{b['dst']}"
-                self.stream[m], self.dur[m] = op, model.io_s(b)
+                self.stream[m], self.dur[m] = stream_of(b), model.io_s(b)
                 self.link_t[link] += self.dur[m]
                 self.link_b[link] += b["bytes"]
                 if "disk" in (b["src"], b["dst"]) and self.dur[m]:

@@ -85,6 +85,22 @@ def test_loads_overlap_compute(opt_ckpt, offload_dir, monkeypatch):
     assert st["link_bytes"]["disk->device"] > 0 and st["link_gbps"]["disk->device"] > 0
 
 
+def test_no_io_threads_when_every_copy_stays_in_ram(opt_ckpt, offload_dir, monkeypatch):
+    """CPU, nothing on disk: loads and stores run on the compute thread; no other thread starts
+    (a third thread on the cores that compute uses only slows it down)."""
+    seen = set()
+    real = AsyncExecutor.compute
+
+    def watch(self, n, a):
+        seen.update(t.name for t in threading.enumerate())
+        real(self, n, a)
+
+    monkeypatch.setattr(AsyncExecutor, "compute", watch)
+    ref, out, _ = reference_and_async(opt_ckpt[0], offload_dir, percent="[30,70,30,70,0,100]")
+    assert torch.equal(out, ref)
+    assert seen and not any(name.startswith("graphgen-") for name in seen)
+
+
 def test_overlap_in_trace_events(opt_ckpt, offload_dir):
     """Some load interval intersects some compute interval (no help from a slowed compute)."""
     ids, mask = left_padded_batch(5)

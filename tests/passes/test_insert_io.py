@@ -29,3 +29,18 @@ def test_prefetch_overlaps_next_weights_with_current_compute():
     ops = g.graph["ops"]
     i = ops.index(("load", "w", 2, g.nodes[(0, 2, 0)]["order"]))
     assert ops[i + 1] == (0, 1, 3)  # the mlp weights load right before the last attention square
+
+
+def test_cpu_copies_within_ram_run_on_compute_disk_io_keeps_its_streams():
+    """hardware.device=cpu: device <-> host copies run inline on compute; disk I/O on its stream."""
+    cpu, _ = compiled(config("zigzag", [0, 50, 50, 50, 0, 100]))
+    io = [cpu.nodes[n] for n in cpu.graph["ops"] if cpu.nodes[n].get("op") in ("load", "store")]
+    on_disk = [b for b in io if "disk" in (b["src"], b["dst"])]
+    assert on_disk and len(on_disk) < len(io)  # both kinds are present
+    for b in io:
+        assert b["stream"] == (b["op"] if b in on_disk else "compute")
+    gpu_cfg = config("zigzag", [0, 50, 50, 50, 0, 100])
+    gpu_cfg.hardware.device = "cuda"  # the pass only reads the key: no GPU needed
+    gpu, _ = compiled(gpu_cfg)
+    assert all(gpu.nodes[n]["stream"] == gpu.nodes[n]["op"] for n in gpu.graph["ops"]
+               if gpu.nodes[n].get("op") in ("load", "store"))
