@@ -8,9 +8,15 @@ attends over the prefix view [2, B, nkv, L, d] in place: no per-step copy of the
 the tiers, the planner and the async executor's ordering.) A prefix loaded from another tier,
 or stored compressed, is joined with the new slice into a reused scratch buffer as before.
 
-Decode (one new token) on the CPU runs matmul attention: float32 scores and softmax over the
-bf16 / float32 cache read in place, grouped-query heads as [B, nkv, group, d] (K/V never
-expanded). SDPA's CPU kernel at q length 1 costs ~10x more (docs/performance.md).
+Decode (one new token) on the CPU runs matmul attention over the cache read in place, the
+grouped-query heads of a KV head as one [group, d] matrix (K/V never expanded), softmax in
+float32. SDPA's CPU kernel at q length 1 costs ~10x more (docs/performance.md). Two forms,
+measured (2 threads, SmolLM2 shapes, per layer): a float32 cache, or a small batch (< KMAJOR_ROWS
+sequence x KV-head pairs), gets float32 scores from float32 copies of K/V taken in cache-sized
+chunks (B=1: 0.036 ms against 0.054); a larger bf16 batch multiplies the cache as it is, K as the
+left operand (the right one, sliced out of a longer cache, is copied by the bf16 batched GEMM),
+so its scores are rounded to bf16 as in transformers' eager attention (B=16, L=272: 0.19 ms
+against 0.24; B=64, L=160: 0.35 against 0.61).
 """
 from __future__ import annotations
 
@@ -99,17 +105,18 @@ class AttentionGlue:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                      scale: Optional[float]) -> torch.Tensor:
     """q [B, nh, 1, d], k/v [B, nkv, L, d] (views: each head's [L, d] contiguous), bias None or
-    [B, 1 | nh, 1, L] -> ctx [B, 1, nh*d] in q's dtype. Scores, softmax and the weighted sum in
-    float32; the query heads of a KV head as one [group, d] matrix (no K/V expansion). Runs over
-    chunks of (sequence, KV head) pairs so the float32 copies of K/V stay within TEMP_BYTES."""
+    [B, 1 | nh, 1, L] -> ctx [B, 1, nh*d] in q's dtype. Softmax in float32; the query heads of a
+    KV head as one [group, d] matrix (no K/V expansion)."""
     B, nh, _, d = q.shape
     nkv, L = k.shape[1], k.shape[2]
     g = nh // nkv
     scale = d ** -0.5 if scale is None else scale
-    qf = q.reshape(B * nkv, g, d).float() * scale  # a new tensor: q may be float32 already
     ks, vs = k.reshape(B * nkv, L, d), v.reshape(B * nkv, L, d)  # views of the cache
     if bias is not None:  # [B, 1, 1, L] (padding, causal) or [B, nh, 1, L] (ALiBi) -> [B*nkv, g | 1, L]
         bias = bias.reshape(B * nkv, g, L) if bias.shape[1] > 1 else bias.view(B, 1, L).repeat_interleave(nkv, 0)
+    if k.dtype != torch.float32 and B * nkv >= KMAJOR_ROWS:
+        return _kmajor(q.reshape(B * nkv, g, d) * scale, ks, vs, bias).view(B, 1, nh * d)
+    qf = q.reshape(B * nkv, g, d).float() * scale  # a new tensor: q may be float32 already
     out = torch.empty(B * nkv, g, d, dtype=q.dtype, device=q.device)
     step = max(1, TEMP_BYTES // (2 * L * d * 4))
     for c in range(0, B * nkv, step):
@@ -121,4 +128,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     return out.view(B, 1, nh * d)
 
 
+def _kmajor(q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """q [n, g, d] scaled, ks / vs [n, L, d] in the cache's dtype -> [n, g, d]: scores K @ q^T
+    (rounded to the cache's dtype), softmax in float32, probabilities @ V."""
+    n, g, _ = q.shape
+    scores = torch.empty(n, g, ks.shape[1], dtype=torch.float32, device=q.device)
+    scores.copy_(torch.bmm(ks, q.transpose(1, 2)).transpose(1, 2))  # [n, L, g] -> [n, g, L]
+    if bias is not None:
+        scores.add_(bias)
+    return torch.bmm(torch.softmax(scores, -1).to(vs.dtype), vs)
+
+
+KMAJOR_ROWS = 32  # sequence x KV-head pairs from which a bf16 cache is multiplied as it is (measured above)
 TEMP_BYTES = 32 << 20  # float32 K/V of the decode attention's chunk: cache-sized, outside the plan

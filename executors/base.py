@@ -81,6 +81,7 @@ class Executor(WeightPlacement, CacheLifetime, Heads):
         # CPU: compressed layers computed on by packed kernels, never dequantised (executors/packed.py)
         self.packed_ok = self.device.type == "cpu" and cfg.executor.packed_weights
         self.packed_layers: set = set()
+        self._wrapped: Dict[int, tuple] = {}  # layer -> (its stored parts, wrapped): see wrapped()
         # CPU: dequantised weights reuse freed buffers (at most one layer's worth kept free)
         self.work = cq.WorkBuffers(max(layer.numel for layer in spec.layers) * self.dtype.itemsize, self.device) \
             if self.device.type == "cpu" else None
@@ -222,7 +223,7 @@ class Executor(WeightPlacement, CacheLifetime, Heads):
         dev = self.tiers["device"]
         w = dev.get(a["w_buf"]) if a["w_buf"] else self.tiers[a["w_home"]].get(("w", j))
         if j in self.packed_layers:  # the kernels compute on the compressed parts as they are
-            w = packed.wrap(self.spec.layers[j], w, a["w_compressed"], self.dtype)
+            w = self.wrapped(j, w, a)
         elif a.get("w_dequant"):  # the first square of a run of the layer: one dense copy serves the run
             w = self.dequantize_weights(a["w_buf"], j, a["w_compressed"])
         L, s = a["ctx"], a["s"]
@@ -249,6 +250,16 @@ class Executor(WeightPlacement, CacheLifetime, Heads):
             if kind == "w":
                 self.recycle_weights(j, a, value)
 
+    def wrapped(self, j: int, w, a) -> dict:
+        """Layer j's packed parts as the model's weights; wrapped once while they stay at home on
+        the device (a per-square rewrap costs Python time at every decode step)."""
+        if a["w_buf"] is not None:  # a working copy: freed after its run, so never kept here
+            return packed.wrap(self.spec.layers[j], w, a["w_compressed"], self.dtype)
+        hit = self._wrapped.get(j)
+        if hit is None or hit[0] is not w:
+            hit = self._wrapped[j] = (w, packed.wrap(self.spec.layers[j], w, a["w_compressed"], self.dtype))
+        return hit[1]
+
     def positions(self, k: int, L: int, s: int) -> torch.Tensor:
         """Position ids [B, s] of GPU batch k at this step: one tensor for all its layers (the
         rotary tables are built once per tensor, models/rope.py)."""
@@ -257,6 +268,7 @@ class Executor(WeightPlacement, CacheLifetime, Heads):
         return self._pos[k][1]
 
     def close(self) -> None:
+        self._wrapped.clear()
         for t in self.tiers.values():
             t.close()
         self.source.close()

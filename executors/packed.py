@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from graphgen.costs import is_compressed
+from graphgen.models.base import fused_name
 from graphgen.quant_format import kernel_packable
 
 from .quant import QTensor, _unpack, dequantize, quantize
@@ -54,8 +55,22 @@ def pack(layer, w, x: torch.Tensor, comp) -> Dict[str, torch.Tensor]:
             f"{w.name}@sz": sz.to(torch.bfloat16)}
 
 
-def prepack(layer, value: Dict[str, torch.Tensor], batch: int) -> Dict[str, torch.Tensor]:
-    """A dense bf16 layer's matrices reordered once into oneDNN's blocked layout (no per-call reorder)."""
+def prepack(layer, value: Dict[str, torch.Tensor], batch: int, groups=()) -> Dict[str, torch.Tensor]:
+    """A dense bf16 layer's matrices reordered once into oneDNN's blocked layout (no per-call
+    reorder). Each group of linears on one input (ModelSpec.fused_linears) present in the layer
+    becomes one matrix (and one bias), under fused_name: one GEMM instead of several."""
+    value = dict(value)
+    for names in groups:
+        ws = [value.get(f"{n}.weight") for n in names]
+        if any(t is None or t.dim() != 2 for t in ws):
+            continue
+        bs = [value.pop(f"{n}.bias", None) for n in names]
+        for n in names:
+            del value[f"{n}.weight"]
+        value[fused_name(names)] = torch.cat(ws)
+        if any(b is not None for b in bs):
+            value[fused_name(names, "bias")] = torch.cat([torch.zeros(t.shape[0], dtype=t.dtype) if b is None else b
+                                                          for t, b in zip(ws, bs)])
     return {n: torch.ops.mkldnn._reorder_linear_weight(t, batch) if t.dim() == 2 else t for n, t in value.items()}
 
 
@@ -67,11 +82,18 @@ def can_prepack(layer, dtype: torch.dtype) -> bool:
 def wrap(layer, value: Dict[str, torch.Tensor], comp, dtype: torch.dtype) -> Dict[str, object]:
     """The stored parts of a packed layer -> {name: tensor or PackedWeight}, for the model's compute."""
     out: Dict[str, object] = {}
+    rows = {w.name: w.shape[0] for w in layer.weights}
+    for name, v in value.items():
+        if v.layout == torch._mkldnn:  # prepacked bf16; a fused group knows its members' rows
+            parts = [rows[f"{n}.weight"] for n in name[:-len(".weight")].split("+")]
+            out[name] = PackedWeight("onednn", tuple(v.shape), dtype, v, parts=parts)
+        elif "+" in name:  # a fused group's bias
+            out[name] = v
     for w in layer.weights:
-        v = value.get(w.name)
-        if v is not None and v.layout == torch._mkldnn:
-            out[w.name] = PackedWeight("onednn", w.shape, dtype, v)
-        elif not is_compressed(w) or comp is None:
+        dense = not is_compressed(w) or comp is None
+        if w.name in out or (dense and w.name not in value):
+            continue  # prepacked above, or fused into a group
+        if dense:
             out[w.name] = value[w.name]
         elif f"{w.name}@int4" in value:
             out[w.name] = PackedWeight("int4", w.shape, dtype, value[f"{w.name}@int4"], value[f"{w.name}@sz"], comp[1])
@@ -87,8 +109,9 @@ def wrap(layer, value: Dict[str, torch.Tensor], comp, dtype: torch.dtype) -> Dic
 class PackedWeight:
     """A compressed matrix [N, K] that F.linear and F.embedding compute on without a dense copy."""
 
-    def __init__(self, kind: str, shape, dtype: torch.dtype, a, b=None, group: int = 0):
+    def __init__(self, kind: str, shape, dtype: torch.dtype, a, b=None, group: int = 0, parts=None):
         self.kind, self.shape, self.dtype, self.a, self.b, self.group = kind, tuple(shape), dtype, a, b, group
+        self.parts = parts or [self.shape[0]]  # rows of each linear fused into this matrix
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -28,6 +28,7 @@ class WeightPlacement:
             if self.w_homes[j] is not None:
                 self.tiers[self.w_homes[j]].pop(("w", j))
         self.packed_layers.clear()
+        self._wrapped.clear()
         for j, layer in enumerate(self.spec.layers):
             if homes[j] is None:  # another pipeline stage's layer
                 continue
@@ -44,7 +45,7 @@ class WeightPlacement:
             else:
                 value = {w.name: self.to_tier(self.source.get(w, self.dtype), tier) for w in layer.weights}
                 if self.packed_ok and homes[j] == "device" and packed.can_prepack(layer, self.dtype):
-                    value = packed.prepack(layer, value, graph.graph["shape"].batch)
+                    value = packed.prepack(layer, value, graph.graph["shape"].batch, self.spec.fused_linears)
                     self.packed_layers.add(j)
                 tier.put(("w", j), value)
         self.w_homes, self.w_comps = homes, comps

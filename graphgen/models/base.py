@@ -15,7 +15,7 @@ Tensor conventions (B = gpu batch, s = new tokens this step, L = context length)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -165,8 +165,22 @@ class ModelSpec:
         b, nh, s, d = out.shape
         return out.transpose(1, 2).reshape(b, s, nh * d)
 
+    def linears(self, w, x: torch.Tensor, *names: str) -> List[torch.Tensor]:
+        """F.linear of x by each named weight (and its bias). Where the executor fused the group
+        into one matrix (FUSED, executors/packed.py), one GEMM whose output is split."""
+        fused = w.get(fused_name(names))
+        if fused is None:
+            return [F.linear(x, w[f"{n}.weight"], w.get(f"{n}.bias")) for n in names]
+        return list(F.linear(x, fused, w.get(fused_name(names, "bias"))).split(fused.parts, -1))
+
+    fused_linears: Tuple[Tuple[str, ...], ...] = ()  # groups of linears on one input (see linears)
     attn_scale = None  # None: 1/sqrt(head_dim) as SDPA does
     mlp_buffers = 2  # [B, s, ffn] intermediates alive at once in mlp() (gated MLPs: 3)
+
+
+def fused_name(names: Sequence[str], part: str = "weight") -> str:
+    """The key of a fused group's matrix (or bias): "q_proj+k_proj+v_proj.weight"."""
+    return "+".join(names) + "." + part
 
 
 def causal_padding_bias(mask: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:

@@ -29,6 +29,7 @@ def act_fn(name: str):
 class LlamaSpec(ModelSpec):
     family = "llama"
     mlp_buffers = 3  # gate, up and their product
+    fused_linears = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
     def __init__(self, hf_config, name=""):
         c = hf_config
@@ -90,10 +91,10 @@ class LlamaSpec(ModelSpec):
     def attn_qkv(self, w, h, positions):
         x = self._rms(w, h)
         b, s, _ = x.shape
-        q = F.linear(x, w["q_proj.weight"], w.get("q_proj.bias")).view(b, s, self.num_heads, self.head_dim)
-        k = F.linear(x, w["k_proj.weight"], w.get("k_proj.bias")).view(b, s, self.num_kv_heads, self.head_dim)
-        v = F.linear(x, w["v_proj.weight"], w.get("v_proj.bias")).view(b, s, self.num_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, s, d)
+        q, k, v = self.linears(w, x, "q_proj", "k_proj", "v_proj")
+        q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, n, s, d)
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
@@ -102,9 +103,8 @@ class LlamaSpec(ModelSpec):
 
     def mlp(self, w, h):
         x = self._rms(w, h)
-        gate = self.act_fn(F.linear(x, w["gate_proj.weight"], w.get("gate_proj.bias")))
-        up = F.linear(x, w["up_proj.weight"], w.get("up_proj.bias"))
-        return h + F.linear(gate * up, w["down_proj.weight"], w.get("down_proj.bias"))
+        gate, up = self.linears(w, x, "gate_proj", "up_proj")
+        return h + F.linear(self.act_fn(gate) * up, w["down_proj.weight"], w.get("down_proj.bias"))
 
     def head(self, w, h):
         return F.linear(self._rms(w, h), w["lm_head.weight"]).float()

@@ -13,6 +13,7 @@ POS_OFFSET = 2  # OPT's learned positional embedding is offset by 2
 
 class OPTSpec(ModelSpec):
     family = "opt"
+    fused_linears = (("q_proj", "k_proj", "v_proj"),)
 
     def __init__(self, hf_config, name=""):
         c = hf_config
@@ -83,10 +84,9 @@ class OPTSpec(ModelSpec):
         x = self._ln(w, h) if self.pre_ln else h
         b, s, _ = x.shape
         shape = (b, s, self.num_heads, self.head_dim)
-        q = F.linear(x, w["q_proj.weight"], w.get("q_proj.bias")) * self.head_dim ** -0.5
-        k = F.linear(x, w["k_proj.weight"], w.get("k_proj.bias"))
-        v = F.linear(x, w["v_proj.weight"], w.get("v_proj.bias"))
-        return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.linears(w, x, "q_proj", "k_proj", "v_proj")
+        q = q * self.head_dim ** -0.5
+        return tuple(t.reshape(shape).transpose(1, 2) for t in (q, k, v))
 
     attn_scale = 1.0  # q is pre-scaled, as in HF's OPT
 

@@ -373,8 +373,8 @@ def simulate(graph, model: CostModel, overlap: bool = True) -> Prediction:
         if c.slowed:
             c.parts["disk I/O beside"] = sum(c.slowed.values())
         for m in ops:
-            if c.stream[m] == "compute":
-                kind = A[m]["step_kind"]
+            if c.stream[m] == "compute":  # a square, or a CPU copy within RAM (passes/insert_io.py)
+                kind = A[A[m].get("square", m)]["step_kind"]
                 spent[kind] += end[m] - prev
                 prev = end[m]
         spent[kind] += max(end.values(), default=0.0) - prev  # the last stores

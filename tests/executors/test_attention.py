@@ -89,3 +89,29 @@ def test_decode_attention_in_chunks_matches_one_pass(monkeypatch):
     whole = decode_attention(q, k, v, bias, None)
     monkeypatch.setattr(attention, "TEMP_BYTES", 2 * 9 * 8 * 4 * 3)  # 3 pairs per chunk
     torch.testing.assert_close(decode_attention(q, k, v, bias, None), whole)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_large_bf16_batches_multiply_the_cache_as_is_as_close_as_eager(monkeypatch, per_head):
+    """bf16, B * nkv >= KMAJOR_ROWS: K @ q^T on the cache itself (bf16 scores, as transformers'
+    eager attention); padding and per-head biases still apply."""
+    import executors.attention as attention
+
+    calls = []
+    real = attention._kmajor
+    monkeypatch.setattr(attention, "_kmajor", lambda *a: calls.append(1) or real(*a))
+    B, nh, nkv = 16, 6, 2
+    assert B * nkv >= attention.KMAJOR_ROWS
+    q, k, v = qkv(B=B, nh=nh, nkv=nkv, L=11, dtype=torch.bfloat16)
+    mask = torch.ones(B, 11, dtype=torch.long)
+    mask[3, :5] = 0
+    bias = torch.randn(B, nh, 1, 11) if per_head else causal_padding_bias(mask, 1, torch.float32)
+    want = sdpa(q.float(), k.float(), v.float(), bias)
+    got = decode_attention(q, k, v, bias.bfloat16(), None)
+    assert calls and got.dtype == torch.bfloat16
+    g = nh // nkv
+    scores = q @ k.repeat_interleave(g, 1).transpose(-1, -2) * q.shape[-1] ** -0.5  # eager: bf16 scores
+    probs = torch.softmax(scores.float() + bias, -1).bfloat16()
+    eager = (probs @ v.repeat_interleave(g, 1)).transpose(1, 2).reshape(B, 1, -1)
+    err = (got.float() - want).norm() / want.norm()
+    assert err <= 1.5 * (eager.float() - want).norm() / want.norm() + 1e-3

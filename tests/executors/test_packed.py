@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from executors.packed import PackedWeight, packable, pack, wrap
+from executors.packed import PackedWeight, packable, pack, prepack, wrap
 from executors.quant import dequantize, quantize
 from graphgen import LLM
+from graphgen.models.base import ModelSpec
 
 from ..conftest import left_padded_batch
 from ..models.test_model_families import _llama, make_checkpoint
@@ -118,8 +119,28 @@ def test_async_identical_and_false_switch_dequantises(llama16):
     assert not ex.packed_layers and ex.stats["dequantize_s"] > 0
 
 
-def test_prepacked_bf16_layers_are_bit_identical_to_f_linear(llama16):
-    """Dense bf16 weights on the device are reordered once for oneDNN; outputs do not change."""
+def test_a_fused_group_is_one_matrix_split_like_separate_linears():
+    """prepack joins a group of linears on one input (a missing bias counts as zeros); the model's
+    linears() runs it as one GEMM and splits the output as the separate linears would give it."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"q": (32, 16), "k": (16, 16), "v": (16, 16)}
+    layer = SimpleNamespace(kind="attn", weights=[SimpleNamespace(name=f"{n}.weight", shape=sh, compressible=True)
+                                                  for n, sh in shapes.items()])
+    value = {f"{n}.weight": torch.randn(*sh, generator=g).bfloat16() for n, sh in shapes.items()}
+    value["q.bias"], value["v.bias"] = torch.randn(32).bfloat16(), torch.randn(16).bfloat16()
+    w = wrap(layer, prepack(layer, value, 4, [("q", "k", "v")]), None, torch.bfloat16)
+    assert set(w) == {"q+k+v.weight", "q+k+v.bias"} and w["q+k+v.weight"].parts == [32, 16, 16]
+    x = torch.randn(4, 16, generator=g).bfloat16()
+    got = ModelSpec.linears(None, w, x, "q", "k", "v")
+    want = [F.linear(x, value[f"{n}.weight"], value.get(f"{n}.bias")) for n in shapes]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert ModelSpec.linears(None, value, x, "q", "k", "v")[1].shape == (4, 16)  # unfused: one linear each
+
+
+def test_prepacked_bf16_layers_fuse_their_linears_and_keep_the_tokens(llama16):
+    """Dense bf16 weights on the device are reordered once for oneDNN, q/k/v and gate/up each as
+    one matrix; the generated tokens do not change."""
     path, _ = llama16
     ids, mask = left_padded_batch(5)
     outs = []
@@ -129,4 +150,7 @@ def test_prepacked_bf16_layers_are_bit_identical_to_f_linear(llama16):
             outs.append(llm.generate(ids, attention_mask=mask, max_new_tokens=6))
             layers = llm.executor.packed_layers
             assert layers == (set(range(1, len(llm.spec.layers))) if on == "true" else set())  # not the embedding
+            names = set(llm.executor.tiers["device"].get(("w", 1))) | set(llm.executor.tiers["device"].get(("w", 2)))
+            fused = {"q_proj+k_proj+v_proj.weight", "gate_proj+up_proj.weight"}
+            assert fused <= names if on == "true" else not fused & names
     assert torch.equal(*outs)
