@@ -11,12 +11,13 @@ or stored compressed, is joined with the new slice into a reused scratch buffer 
 Decode (one new token) on the CPU runs matmul attention over the cache read in place, the
 grouped-query heads of a KV head as one [group, d] matrix (K/V never expanded), softmax in
 float32. SDPA's CPU kernel at q length 1 costs ~10x more (docs/performance.md). Two forms,
-measured (2 threads, SmolLM2 shapes, per layer): a float32 cache, or a small batch (< KMAJOR_ROWS
-sequence x KV-head pairs), gets float32 scores from float32 copies of K/V taken in cache-sized
-chunks (B=1: 0.036 ms against 0.054); a larger bf16 batch multiplies the cache as it is, K as the
-left operand (the right one, sliced out of a longer cache, is copied by the bf16 batched GEMM),
-so its scores are rounded to bf16 as in transformers' eager attention (B=16, L=272: 0.19 ms
-against 0.24; B=64, L=160: 0.35 against 0.61).
+measured on decode_attention alone (SmolLM2 shapes, 1 thread, per layer): a float32 cache, or a
+batch of fewer than KMAJOR_ROWS sequence x KV-head pairs, gets float32 scores from float32 copies
+of K/V taken in cache-sized chunks (batch 1: 0.031 ms against 0.047); a larger bf16 batch
+multiplies the cache as it is, K as the left operand and the whole buffer when the context fills
+half of it or more (the bf16 batched GEMM copies an operand sliced out of a longer buffer), so
+its scores are rounded to bf16 as in transformers' eager attention (batch 16, context 272 of 288:
+0.21 ms against 0.42; batch 64, 160 of 192: 0.45 against 0.99).
 """
 from __future__ import annotations
 
@@ -52,19 +53,20 @@ class AttentionGlue:
         bias = self.attn_bias(k, mask, s, q.dtype)
         q = q.to(where.device)
         if s == 1 and where.device.type == "cpu":
-            ctx = decode_attention(q, kv[0], kv[1], bias, self.spec.attn_scale)
+            ctx = decode_attention(q, kv[0], kv[1], bias, self.spec.attn_scale, L)
         else:
-            ctx = self.spec.attn_core(q, kv[0], kv[1], mask, bias)
+            ctx = self.spec.attn_core(q, kv[0][:, :, :L], kv[1][:, :, :L], mask, bias)
         where.put(("kvnew", j, k, i), cq.compress_slice(new, comp))  # stored (and moved) compressed
         return self.spec.attn_out(w, ctx.to(device), h)
 
     def cache_view(self, where, a, jk, L: int, s: int, new: torch.Tensor) -> Optional[torch.Tensor]:
-        """The cache at home, with the new slice written in, as [2, B, nkv, L, d] (a view); None
-        when the prefix is not read in place or the layout is not head-major."""
+        """The cache at home, with the new slice written in, as [2, B, nkv, S_max, d] (a view:
+        the first L positions are the context); None when the prefix is not read in place or the
+        layout is not head-major."""
         if a["kv_buf"] is not None:
             return None
         cache = where.get(("kv",) + jk)  # [2, S_max, B, nkv, d] view
-        kv = cache[:, :L].permute(0, 2, 3, 1, 4)
+        kv = cache.permute(0, 2, 3, 1, 4)
         if kv.stride(-1) != 1 or kv.stride(-2) != kv.shape[-1]:  # sequence-major: join instead
             return None
         cache[:, L - s:L].copy_(new)
@@ -103,20 +105,26 @@ class AttentionGlue:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                     scale: Optional[float]) -> torch.Tensor:
-    """q [B, nh, 1, d], k/v [B, nkv, L, d] (views: each head's [L, d] contiguous), bias None or
-    [B, 1 | nh, 1, L] -> ctx [B, 1, nh*d] in q's dtype. Softmax in float32; the query heads of a
-    KV head as one [group, d] matrix (no K/V expansion)."""
+                     scale: Optional[float], L: Optional[int] = None) -> torch.Tensor:
+    """q [B, nh, 1, d], k/v [B, nkv, S, d] (each head's [S, d] contiguous) of which the first L
+    (default S) positions are the context, bias None or [B, 1 | nh, 1, L] -> ctx [B, 1, nh*d] in
+    q's dtype. Positions past L are never attended; V's must hold finite values (the cache is
+    zero-filled when allocated). Softmax in float32; the query heads of a KV head as one
+    [group, d] matrix (no K/V expansion)."""
     B, nh, _, d = q.shape
-    nkv, L = k.shape[1], k.shape[2]
+    nkv, S = k.shape[1], k.shape[2]
+    L = S if L is None else L
     g = nh // nkv
     scale = d ** -0.5 if scale is None else scale
-    ks, vs = k.reshape(B * nkv, L, d), v.reshape(B * nkv, L, d)  # views of the cache
     if bias is not None:  # [B, 1, 1, L] (padding, causal) or [B, nh, 1, L] (ALiBi) -> [B*nkv, g | 1, L]
         bias = bias.reshape(B * nkv, g, L) if bias.shape[1] > 1 else bias.view(B, 1, L).repeat_interleave(nkv, 0)
     if k.dtype != torch.float32 and B * nkv >= KMAJOR_ROWS:
-        return _kmajor(q.reshape(B * nkv, g, d) * scale, ks, vs, bias).view(B, 1, nh * d)
+        if 2 * L < S:  # mostly unused rows: multiply the prefix (which the batched GEMM copies)
+            k, v, S = k[:, :, :L], v[:, :, :L], L
+        qs = q.reshape(B * nkv, g, d) * scale
+        return _kmajor(qs, k.reshape(B * nkv, S, d), v.reshape(B * nkv, S, d), bias, L).view(B, 1, nh * d)
     qf = q.reshape(B * nkv, g, d).float() * scale  # a new tensor: q may be float32 already
+    ks, vs = k[:, :, :L].reshape(B * nkv, L, d), v[:, :, :L].reshape(B * nkv, L, d)  # views of the cache
     out = torch.empty(B * nkv, g, d, dtype=q.dtype, device=q.device)
     step = max(1, TEMP_BYTES // (2 * L * d * 4))
     for c in range(0, B * nkv, step):
@@ -128,16 +136,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     return out.view(B, 1, nh * d)
 
 
-def _kmajor(q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """q [n, g, d] scaled, ks / vs [n, L, d] in the cache's dtype -> [n, g, d]: scores K @ q^T
-    (rounded to the cache's dtype), softmax in float32, probabilities @ V."""
+def _kmajor(q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, bias: Optional[torch.Tensor], L: int) -> torch.Tensor:
+    """q [n, g, d] scaled, ks / vs [n, S, d] contiguous in the cache's dtype, the first L rows the
+    context -> [n, g, d]: scores K @ q^T (rounded to the cache's dtype) over all S rows (rows past
+    L are dropped: a row of the product depends on its own row of K only), softmax in float32,
+    probabilities (zero past L) @ V."""
     n, g, _ = q.shape
-    scores = torch.empty(n, g, ks.shape[1], dtype=torch.float32, device=q.device)
-    scores.copy_(torch.bmm(ks, q.transpose(1, 2)).transpose(1, 2))  # [n, L, g] -> [n, g, L]
+    S = ks.shape[1]
+    scores = torch.empty(n, g, L, dtype=torch.float32, device=q.device)
+    scores.copy_(torch.bmm(ks, q.transpose(1, 2))[:, :L].transpose(1, 2))  # [n, S, g] -> [n, g, L]
     if bias is not None:
         scores.add_(bias)
-    return torch.bmm(torch.softmax(scores, -1).to(vs.dtype), vs)
+    probs = torch.softmax(scores, -1)
+    if S == L:
+        return torch.bmm(probs.to(vs.dtype), vs)
+    full = torch.zeros(n, g, S, dtype=vs.dtype, device=q.device)
+    full[:, :, :L] = probs
+    return torch.bmm(full, vs)
 
 
-KMAJOR_ROWS = 32  # sequence x KV-head pairs from which a bf16 cache is multiplied as it is (measured above)
+KMAJOR_ROWS = 8  # sequence x KV-head pairs from which a bf16 cache is multiplied as it is (measured above)
 TEMP_BYTES = 32 << 20  # float32 K/V of the decode attention's chunk: cache-sized, outside the plan

@@ -115,3 +115,20 @@ def test_large_bf16_batches_multiply_the_cache_as_is_as_close_as_eager(monkeypat
     eager = (probs @ v.repeat_interleave(g, 1)).transpose(1, 2).reshape(B, 1, -1)
     err = (got.float() - want).norm() / want.norm()
     assert err <= 1.5 * (eager.float() - want).norm() / want.norm() + 1e-3
+
+
+@pytest.mark.parametrize("L", [9, 5])  # most of the buffer in use (full-buffer product) / under half (prefix)
+def test_kmajor_ignores_positions_past_the_context(monkeypatch, L):
+    """The K-major form may multiply the whole cache buffer: rows past L (NaN in K, other finite
+    values in V) change nothing."""
+    import executors.attention as attention
+
+    monkeypatch.setattr(attention, "KMAJOR_ROWS", 1)
+    q, k, v = qkv(B=2, L=12, S_max=12, dtype=torch.bfloat16)
+    k, v = k.clone(), v.clone()
+    bias = torch.zeros(2, 1, 1, L)
+    bias[1, ..., :2] = torch.finfo(torch.float32).min
+    want = decode_attention(q, k[:, :, :L].contiguous(), v[:, :, :L].contiguous(), bias, None)
+    k[:, :, L:] = float("nan")
+    v[:, :, L:] = 1e4
+    torch.testing.assert_close(decode_attention(q, k, v, bias, None, L), want)
