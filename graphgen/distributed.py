@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from .config import Config
 
 # keys each rank may set for itself: its machine's budgets and paths, and what only rank 0 does
 PER_RANK = ("hardware", "model.path", "viz", "report", "job.progress", "parallel.stage_budgets")
+_timeout_s = 0.0  # parallel.timeout_s of the process group this process joined
 
 
 def world_size() -> int:
@@ -35,6 +36,25 @@ def world_size() -> int:
 def is_reporter() -> bool:
     """Rank 0 prints the report (and writes files); the only process without torchrun."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def from_reporter(obj: Any, what: str) -> Any:
+    """Rank 0's obj on every rank (torch.distributed.broadcast_object_list; the others pass None).
+    A rank 0 that died, or sends nothing within parallel.timeout_s, is named in the error."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as e:
+        who = "another rank did not receive" if rank() == 0 else "rank 0 did not send"
+        raise ConnectionError(f"rank {rank()}: {who} {what} within parallel.timeout_s={_timeout_s:g} s: it "
+                              f"died or hung (see its log); ({str(e).splitlines()[0] if str(e) else e})") from None
+    return box[0]
 
 
 def setup(cfg: Config) -> Config:
@@ -47,19 +67,18 @@ def setup(cfg: Config) -> Config:
         raise ValueError(f"parallel.stages={cfg.parallel.stages} but torchrun started {world} processes: set "
                          f"torchrun --nproc-per-node (x --nnodes) to {cfg.parallel.stages}, or drop parallel.stages "
                          f"(it defaults to the world size)")
-    if cfg.job.name != "generate":
-        raise ValueError(f"job={cfg.job.name} under torchrun is not supported: torchrun runs job=generate; "
-                         f"predict or draw a pipeline without torchrun, with parallel.stages={world}")
-    rank = int(os.environ.get("RANK", "0"))
+    me = int(os.environ.get("RANK", "0"))
     if cfg.hardware.device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         cfg = replace(cfg, hardware=replace(cfg.hardware, device=f"cuda:{local}"))
     timeout = timedelta(seconds=float(cfg.parallel.timeout_s))
+    global _timeout_s
+    _timeout_s = timeout.total_seconds()
     try:
         dist.init_process_group("nccl" if cfg.hardware.device.startswith("cuda") else "gloo", timeout=timeout)
     except RuntimeError as e:
-        raise ConnectionError(f"rank {rank}: not all {world} ranks joined within parallel.timeout_s="
+        raise ConnectionError(f"rank {me}: not all {world} ranks joined within parallel.timeout_s="
                               f"{timeout.total_seconds():g} s (a rank failed to start, or MASTER_ADDR / "
                               f"--rdzv-endpoint is unreachable): {e}") from None
     mine = {"config": shared_config(cfg), "checkpoint": checkpoint_digest(cfg),

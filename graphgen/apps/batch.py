@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from graphgen import distributed
 from graphgen.apps.batch_io import (BadInputError, BadLine, GenSettings, JobRefused, Request,  # noqa: F401
                                     append_durably, bad_input_message, check_output, file_format, id_key, lock_output,
                                     missing_dirs, read_input, remove_dirs, repair_output, validate,
@@ -88,11 +89,10 @@ def supports_logprobs(llm: Any) -> bool:
         return False
 
 
-def generate_block(llm: Any, block: List[Request], *, seed: Optional[int], logprobs: bool,
-                   eos_id: Any, pad_id: int) -> List[Dict[str, Any]]:
-    """One generate call for a block -> its output lines."""
+def block_tokens(llm: Any, block: List[Request], *, seed: Optional[List[int]], logprobs: bool,
+                 pad_id: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One generate call for a block -> (new tokens [B, T], their log p [B, T] or None)."""
     g = block[0].gen
-    logprobs = logprobs or g.logprobs
     input_ids, mask = left_pad([r.ids for r in block], pad_id)
     kw = dict(attention_mask=mask, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
               temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=seed)
@@ -100,7 +100,14 @@ def generate_block(llm: Any, block: List[Request], *, seed: Optional[int], logpr
         out, lps = llm.generate(input_ids, return_logprobs=True, **kw)  # [B, S+T], [B, T]
     else:
         out, lps = llm.generate(input_ids, **kw), None
-    new = out[:, input_ids.shape[1]:]  # (B, T)
+    return out[:, input_ids.shape[1]:], lps
+
+
+def generate_block(llm: Any, block: List[Request], *, seed: Optional[List[int]], logprobs: bool,
+                   eos_id: Any, pad_id: int) -> List[Dict[str, Any]]:
+    """One generate call for a block -> its output lines."""
+    logprobs = logprobs or block[0].gen.logprobs
+    new, lps = block_tokens(llm, block, seed=seed, logprobs=logprobs, pad_id=pad_id)
     lines = []
     for b, r in enumerate(block):
         c = finish(llm.tokenizer, r.ids, new[b].tolist(), eos_token_id=eos_id, stop=r.stop,
@@ -129,7 +136,29 @@ def run_batch(llm: Any, input_path, output_path, *, max_new_tokens: int = 32, te
               stop: Sequence[str] = (), on_bad_input: str = "skip", logprobs: bool = False,
               block_size: Optional[int] = None, progress: bool = True,
               input_format: str = "auto") -> BatchSummary:
-    """Generate a completion for every good prompt of input_path not yet in output_path."""
+    """Generate a completion for every good prompt of input_path not yet in output_path.
+
+    Under torchrun (a pipeline: graphgen/distributed.py) every rank calls this with the same
+    arguments: rank 0 alone reads the input and writes the results, and sends each block to the
+    other ranks, which run their stage of it (follow_blocks)."""
+    if not distributed.is_reporter():
+        return follow_blocks(llm)
+    followers = Followers()
+    try:
+        summary = _lead(llm, input_path, output_path, followers, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample, seed=seed,
+                        stop=stop, on_bad_input=on_bad_input, logprobs=logprobs, block_size=block_size,
+                        progress=progress, input_format=input_format)
+    except BaseException as e:  # noqa: B902 (Ctrl-C too: the other ranks stop with it)
+        followers.stop(e)
+        raise
+    followers.done()
+    return summary
+
+
+def _lead(llm: Any, input_path, output_path, followers: "Followers", *, max_new_tokens: int, temperature: float,
+          top_k: int, top_p: float, do_sample: bool, seed: Optional[int], stop: Sequence[str], on_bad_input: str,
+          logprobs: bool, block_size: Optional[int], progress: bool, input_format: str) -> BatchSummary:
     input_path, output_path = Path(input_path), Path(output_path)
     errors_path = output_path.with_name(output_path.name + ".errors.jsonl")
     if on_bad_input not in ("skip", "stop"):
@@ -173,14 +202,15 @@ def run_batch(llm: Any, input_path, output_path, *, max_new_tokens: int = 32, te
         summary.already_done = len(requests) - len(pending)
         _announce(summary, output_path, errors_path)
         blocks = plan_blocks(pending, block_size or default_block_size(llm))
-        _run_blocks(llm, blocks, out, summary, seed=seed, logprobs=logprobs, progress=progress)
+        _run_blocks(llm, blocks, out, summary, followers, seed=seed, logprobs=logprobs, progress=progress)
     _log(f"batch: {summary.generated} generated, {summary.already_done + summary.generated}/{summary.total} "
          f"done, {summary.completion_tokens} tokens in {summary.seconds:.1f} s "
          f"({summary.tokens_per_s:.1f} tokens/s) -> {output_path}")
     return summary
 
 
-def _run_blocks(llm, blocks, out, summary: BatchSummary, *, seed, logprobs, progress) -> None:
+def _run_blocks(llm, blocks, out, summary: BatchSummary, followers: "Followers", *, seed, logprobs,
+                progress) -> None:
     from tqdm import tqdm
 
     eos_id = end_of_turn_ids(llm.tokenizer, llm.spec.eos_token_id)  # replies end at the end of turn
@@ -191,14 +221,67 @@ def _run_blocks(llm, blocks, out, summary: BatchSummary, *, seed, logprobs, prog
     t0 = time.perf_counter()
     with bar:
         for block in blocks:
-            lines = generate_block(llm, block, seed=block_seed(seed, block), logprobs=logprobs,
-                                   eos_id=eos_id, pad_id=pad_id)
+            seeds = block_seed(seed, block)
+            followers.run(block, seeds, logprobs or block[0].gen.logprobs)
+            lines = generate_block(llm, block, seed=seeds, logprobs=logprobs, eos_id=eos_id, pad_id=pad_id)
+            followers.idle = True
             append_durably(out, output_lines(llm, block, lines, logprobs))
             summary.generated += len(lines)
             summary.completion_tokens += sum(ln["completion_tokens"] for ln in lines)
             summary.seconds = time.perf_counter() - t0
             bar.update(len(lines))
             bar.set_postfix_str(f"{summary.tokens_per_s:.1f} tok/s")
+
+
+# --- under torchrun: rank 0 leads, the other ranks follow ------------------------------------------
+
+class Followers:
+    """Rank 0's messages to the other ranks (torch.distributed, graphgen/distributed.py): each block
+    to run, then done, or stop when rank 0 refused the job; without torchrun, nothing."""
+
+    def __init__(self):
+        self.active = distributed.world_size() > 1
+        self.idle = True  # between blocks: the other ranks wait for a message
+
+    def run(self, block: List[Request], seeds: Optional[List[int]], logprobs: bool) -> None:
+        self._send(("block", block, seeds, logprobs))
+        self.idle = False
+
+    def done(self) -> None:
+        self._send(("done",))
+
+    def stop(self, err: BaseException) -> None:
+        """Rank 0 refused the job or failed between blocks: the others stop now (not after
+        parallel.timeout_s). Inside a block they stop on their own (a receive from rank 0 fails);
+        after a failed message there is nobody to tell."""
+        if self.active and self.idle and not isinstance(err, ConnectionError):
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            try:
+                self._send(("stop", why))
+            except ConnectionError:
+                pass
+
+    def _send(self, msg) -> None:
+        if self.active:
+            distributed.from_reporter(msg, "the next block of requests")
+
+
+def follow_blocks(llm: Any) -> BatchSummary:
+    """Ranks other than 0: run each block rank 0 sends (this rank's stage of the pipeline) until
+    it says done; rank 0 writes the results."""
+    pad_id = llm.spec.pad_token_id if llm.spec.pad_token_id is not None else (llm.spec.eos_token_id or 0)
+    summary = BatchSummary()
+    t0 = time.perf_counter()
+    while True:
+        msg = distributed.from_reporter(None, "the next block of requests")
+        if msg[0] == "done":
+            return summary
+        if msg[0] == "stop":
+            raise JobRefused(f"rank {distributed.rank()}: rank 0 stopped the batch job: {msg[1]}")
+        _, block, seeds, logprobs = msg
+        block_tokens(llm, block, seed=seeds, logprobs=logprobs, pad_id=pad_id)
+        summary.generated += len(block)
+        summary.seconds = time.perf_counter() - t0
 
 
 def default_block_size(llm: Any) -> int:

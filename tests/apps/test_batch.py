@@ -246,7 +246,7 @@ def test_main_fills_settings_from_workload(tmp_path):
 
 KILL_SCRIPT = """
 import sys
-sys.path[:0] = [{tests!r}, {root!r}]
+sys.path[:0] = [{root!r}]
 from tests.fake_llm import FakeLLM
 from graphgen.apps.batch import run_batch
 run_batch(FakeLLM(delay=0.15, block_size=3), sys.argv[1], sys.argv[2], max_new_tokens=5, progress=False)
@@ -269,7 +269,7 @@ def test_sigkill_mid_run_then_rerun_writes_every_id_once(tmp_path):
                                               for i in range(n)])
     out = tmp_path / "out.jsonl"
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(KILL_SCRIPT.format(tests=str(ROOT / "tests"), root=str(ROOT))))
+    script.write_text(textwrap.dedent(KILL_SCRIPT.format(root=str(ROOT))))
     for kill_after in (3, 12):  # two crashes at different points, each while blocks are in flight
         proc = subprocess.Popen([sys.executable, str(script), str(inp), str(out)], stderr=subprocess.PIPE,
                                 text=True)

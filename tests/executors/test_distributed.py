@@ -4,11 +4,7 @@ sampling; a dead or stuck rank and ranks that disagree stop the run with an erro
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,29 +14,11 @@ import torch
 from graphgen import LLM
 
 from ..conftest import left_padded_batch, make_opt
+from ..torchrun import launch, torchrun
 from ..models.test_model_families import _llama, make_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 MIXED = "[30,30,40,30,20,50]"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    e.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return e
-
-
-def torchrun(n: int, args, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port())] + [str(a) for a in args]
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +72,6 @@ def test_cli_report_on_rank_zero(ckpts, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("throughput") == 1  # one report, from rank 0
     assert "pipeline      2 stages" in r.stdout and "stage0->stage1" in r.stdout and "stage1->stage0" in r.stdout
-
-
-def launch(rank_args, timeout_s: float, tmp_path):
-    """The ranks as torchrun starts them (RANK / WORLD_SIZE / MASTER_* in the environment), each
-    with its own arguments."""
-    port, procs = free_port(), []
-    for rank, args in enumerate(rank_args):
-        e = dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(rank_args)),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "graphgen", f"parallel.timeout_s={timeout_s}",
-                                       f"hydra.run.dir={tmp_path}/run{rank}"] + args, cwd=ROOT, env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
 
 
 def tiny_args(ckpts, offload):
