@@ -38,9 +38,6 @@ class Stage:
         self.timeout = timedelta(seconds=float(cfg.parallel.timeout_s))
         self._sends, self._mine = [], (None, None)
         self._stage_lock = threading.Lock()
-        # over every block this executor ran: what graphgen/distributed.py gathers into the report
-        self.stage_totals = {"rank": self.rank, "layers": 0, "wall_s": 0.0, "busy_s": defaultdict(float),
-                             "sent_bytes": defaultdict(int)}
 
     def runs_layer(self, graph, j: int) -> bool:
         return graph.graph["stage_of_layer"][j] == self.rank
@@ -62,13 +59,12 @@ class Stage:
             self._sends = []
         wall = time.perf_counter() - t0
         self.share_results()
-        tot = self.stage_totals
-        tot["layers"] = self._stage_graph.graph["stage_layers"][self.rank]
-        tot["wall_s"] += wall
-        for k, v in self._busy_stage.items():
-            tot["busy_s"][k] += v
-        for k, v in self._sent.items():
-            tot["sent_bytes"][k] += v
+        # this block's figures; graphgen/api.py sums a call's blocks, graphgen/distributed.py gathers them
+        g = self._stage_graph.graph
+        self.stats["stage"] = {"rank": self.rank, "layers": g["stage_layers"][self.rank], "wall_s": wall,
+                               "busy_s": dict(self._busy_stage), "sent_bytes": dict(self._sent),
+                               "planned_peak_bytes": dict(g["stage_peak_bytes"][self.rank]),
+                               "budget_bytes": dict(g["stage_budgets"][self.rank])}
 
     def _run_block(self, graph, inputs):
         self._stage_graph = graph

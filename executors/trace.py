@@ -23,6 +23,7 @@ class Event:
 @dataclass
 class Trace:
     t0: float = field(default_factory=time.perf_counter)
+    t0_wall: float = field(default_factory=time.time)  # t0 on the wall clock: aligns the ranks of a pipeline
     events: List[Event] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -296,8 +296,25 @@ def summarize(graph, block_stats: List[Dict], n_seqs: int, S: int, gen: int, wal
         "planned_peak_bytes": dict(graph.graph["peak_bytes"]), "measured_peak_bytes": measured,
         "budget_bytes": dict(graph.graph["budgets"]), "bytes_moved": moved,
         "compression": graph.graph.get("compression", {}),
-        **measured_memory(block_stats, llm.cfg.hardware.device),
+        **measured_memory(block_stats, llm.cfg.hardware.device), **stage_figures(block_stats),
     }
+
+
+def stage_figures(block_stats: List[Dict]) -> Dict:
+    """A pipeline stage's figures (executors/pipeline.py) over this call's blocks: times and bytes
+    summed, the plan's peaks and budgets as they are (the same for every block)."""
+    per = [s["stage"] for s in block_stats if "stage" in s]
+    if not per:
+        return {}
+    busy: Dict[str, float] = {}
+    sent: Dict[str, int] = {}
+    for s in per:
+        for k, v in s["busy_s"].items():
+            busy[k] = busy.get(k, 0.0) + v
+        for k, v in s["sent_bytes"].items():
+            sent[k] = sent.get(k, 0) + v
+    return {"stage": dict(per[-1], blocks=len(per), wall_s=sum(s["wall_s"] for s in per), busy_s=busy,
+                          sent_bytes=sent)}
 
 
 def measured_memory(block_stats: List[Dict], device: str) -> Dict:

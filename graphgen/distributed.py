@@ -142,29 +142,69 @@ def check_agree(everyone: List[Dict]) -> None:
                              f"machine (model.path)")
 
 
-def gather_report(st: Dict, executor) -> Dict:
-    """Rank 0: every stage's wall and busy time, bytes sent per link, the bubble fraction; the
-    throughput over the slowest stage's time (the pipeline's)."""
+# what each rank adds to its stage's figures for rank 0's report (graphgen/api.py's stats of the call)
+STAGE_KEYS = ("prefill_s", "decode_s", "measured_peak_bytes", "bytes_moved", "rss_start_bytes", "rss_peak_bytes",
+              "cuda_peak_bytes", "overhead_bytes", "device_type", "compute_busy_s", "io_busy_s", "overlap_fraction",
+              "trace_span_s", "link_busy_s")
+# one process's trace figures, not the pipeline's: each stage's are under stages
+TRACE_KEYS = ("compute_busy_s", "io_busy_s", "overlap_fraction", "trace_span_s", "stream_busy_s", "link_gbps")
+
+
+def to_reporter(obj: Any, what: str) -> Optional[List[Any]]:
+    """Every rank's obj, in rank order, on rank 0 (torch.distributed.gather_object); None elsewhere."""
     if not dist.is_initialized():
+        return [obj]
+    everyone: Optional[List[Any]] = [None] * dist.get_world_size() if rank() == 0 else None
+    try:
+        dist.gather_object(obj, everyone, dst=0)
+    except RuntimeError as e:
+        who = "another rank did not send" if rank() == 0 else "rank 0 did not receive"
+        raise ConnectionError(f"rank {rank()}: {who} {what} within parallel.timeout_s={_timeout_s:g} s: it "
+                              f"died or hung (see its log); ({str(e).splitlines()[0] if str(e) else e})") from None
+    return everyone
+
+
+def gather_traces(trace) -> Optional[List[Optional[Dict]]]:
+    """Rank 0: every rank's trace ({rank, t0_wall, events}; None for a rank without one), for one
+    trace file with a track per rank (report/timeline.py); None elsewhere and without torchrun.
+    Every rank must call it."""
+    if not dist.is_initialized():
+        return None
+    mine = None if trace is None else {"rank": rank(), "t0_wall": trace.t0_wall, "events": list(trace.events)}
+    return to_reporter(mine, "its trace")
+
+
+def gather_report(st: Dict) -> Dict:
+    """Rank 0: every stage's figures over this call's blocks (wall and busy time, bytes sent and
+    moved, planned and measured peaks), the bubble fraction, bytes per link, and the throughput
+    over the slowest stage's time (the pipeline's). Every rank must call it; the others get st."""
+    if not dist.is_initialized() or "stage" not in st:
         return st
-    tot = executor.stage_totals
-    mine = dict(tot, busy_s=dict(tot["busy_s"]), sent_bytes=dict(tot["sent_bytes"]), prefill_s=st["prefill_s"], decode_s=st["decode_s"])
-    everyone: List[Optional[Dict]] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if dist.get_rank() != 0:
-        return st
+    mine = dict(st["stage"], **{k: st[k] for k in STAGE_KEYS if k in st})
+    everyone = to_reporter(mine, "its stage's figures for the report")
+    return st if everyone is None else combine_stages(st, everyone)
+
+
+def combine_stages(st: Dict, everyone: List[Dict]) -> Dict:
+    """Rank 0's stats of the call and every stage's figures -> the pipeline's report."""
     slow = max(everyone, key=lambda d: d["prefill_s"] + d["decode_s"])
     n, S, gen = st["num_prompts"], st["prompt_len"], st["gen_len"]
-    st = dict(st, prefill_s=slow["prefill_s"], decode_s=slow["decode_s"])
+    st = {k: v for k, v in st.items() if k not in TRACE_KEYS and k != "stage"}
+    st.update(prefill_s=slow["prefill_s"], decode_s=slow["decode_s"])
     st.update(prefill_tok_s=n * S / st["prefill_s"] if st["prefill_s"] else 0.0,
               decode_tok_s=n * (gen - 1) / st["decode_s"] if st["decode_s"] and gen > 1 else 0.0,
               total_tok_s=n * gen / (st["prefill_s"] + st["decode_s"]) if st["prefill_s"] + st["decode_s"] else 0.0)
     span = max(d["wall_s"] for d in everyone)
     busy = sum(d["busy_s"].get("compute", 0.0) for d in everyone)
-    links: Dict[str, int] = {}
+    links, moved, link_busy = {}, {}, {}
     for d in everyone:
         for k, v in d["sent_bytes"].items():
             links[k] = links.get(k, 0) + v
-    st.update(stages=[{k: d[k] for k in ("rank", "layers", "wall_s", "busy_s", "sent_bytes")} for d in everyone],
-              bubble_fraction=1.0 - busy / (len(everyone) * span) if span else 0.0, link_bytes=links)
+        for k, v in d.get("bytes_moved", {}).items():
+            if not k.startswith("stage"):  # tiers within the stage; between stages: what was sent
+                moved[k] = moved.get(k, 0) + v
+        for k, v in d.get("link_busy_s", {}).items():
+            link_busy[k] = link_busy.get(k, 0.0) + v
+    st.update(stages=everyone, bubble_fraction=1.0 - busy / (len(everyone) * span) if span else 0.0,
+              link_bytes=links, bytes_moved={**moved, **links}, link_busy_s=link_busy)
     return st

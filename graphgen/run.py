@@ -76,14 +76,15 @@ def generate_job(cfg: Config) -> Dict:
         out = llm.generate(ids, mask, max_new_tokens=w.gen_len, do_sample=w.do_sample,
                            temperature=w.temperature, top_k=w.top_k, top_p=w.top_p, seed=cfg.seed)
         st, out_dir = llm.last_stats, files.output_dir(cfg)
-        st = distributed.gather_report(st, llm.executor)  # torchrun: every stage's figures, on rank 0
+        st = distributed.gather_report(st)  # torchrun: every stage's figures, on rank 0
+        traces = distributed.gather_traces(llm.executor.trace)  # and every rank's trace
         if not distributed.is_reporter():
             return st
         if texts:  # what the model said, before the numbers
             show_answers(llm, texts, ids, mask, out, file=sys.stderr if cfg.report.json else sys.stdout)
         add_prediction(st, cfg, llm.graph)
         if files.wanted(cfg):
-            st["files"] = [str(f) for f in files.write_visuals(cfg, llm.graph, llm.executor.trace, out_dir)]
+            st["files"] = [str(f) for f in files.write_visuals(cfg, llm.graph, llm.executor.trace, out_dir, traces)]
         emit(st, cfg, out_dir)
         return st
 

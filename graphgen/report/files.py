@@ -11,7 +11,7 @@ import networkx as nx
 import numpy as np
 
 from .schedule import TIER_COLORS, Window, default_window, write_schedule
-from .timeline import write_chrome_trace, write_timeline
+from .timeline import timeline_title, write_chrome_trace, write_timeline
 
 
 # --- graph export -------------------------------------------------------------------------------
@@ -81,8 +81,10 @@ def output_dir(cfg) -> Path:
         return Path(os.getcwd())
 
 
-def write_visuals(cfg, graph: nx.DiGraph, trace=None, out: Optional[Path] = None) -> List[Path]:
-    """The files viz.schedule / viz.timeline / viz.graph ask for; returns their paths."""
+def write_visuals(cfg, graph: nx.DiGraph, trace=None, out: Optional[Path] = None,
+                  stage_traces: Optional[List] = None) -> List[Path]:
+    """The files viz.schedule / viz.timeline / viz.graph ask for; returns their paths. stage_traces
+    (under torchrun, graphgen/distributed.py's gather_traces): trace.json has every rank's track."""
     v = cfg.viz
     out = Path(out) if out is not None else output_dir(cfg)
     formats = list(v.formats)
@@ -96,8 +98,11 @@ def write_visuals(cfg, graph: nx.DiGraph, trace=None, out: Optional[Path] = None
     if v.timeline:
         if trace is None or not trace.events:
             raise ValueError("viz.timeline needs a run trace: set executor.trace=true (run() does so)")
-        paths += write_timeline(trace, out / "timeline", formats, graph)
-        paths.append(write_chrome_trace(trace, out / "trace.json", graph))
+        title = timeline_title(graph)
+        if stage_traces and len(stage_traces) > 1:  # the picture is this process's; the file has all ranks
+            title += f"; pipeline stage 0 of {len(stage_traces)} (every stage's ops: trace.json)"
+        paths += write_timeline(trace, out / "timeline", formats, graph, title)
+        paths.append(write_chrome_trace(trace, out / "trace.json", graph, stage_traces))
     if v.graph:
         out.mkdir(parents=True, exist_ok=True)
         paths += [write_graphml(graph, out / "graph.graphml"), write_dot(graph, out / "graph.dot")]

@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 Interval = Tuple[float, float]
+NOT_IO = ("compute", "send", "recv")  # a pipeline stage's messages (a receive mostly waits) are not tier I/O
 
 
 # --- interval arithmetic ----------------------------------------------------------------------
@@ -58,7 +59,8 @@ def trace_metrics(events: Sequence, graph=None) -> Dict:
     """Busy seconds per stream, I/O-compute overlap, bytes / busy seconds / GB/s per link.
 
     overlap_fraction = time I/O runs while compute runs / time I/O runs (0: nothing hidden,
-    1: every transfer hidden under compute). Link bytes count the load and store streams
+    1: every transfer hidden under compute); I/O is loads and stores between tiers, not a
+    pipeline stage's sends and receives. Link bytes count the load and store streams
     (transfers), so per-thread disk I/O events do not count twice.
     """
     if not events:
@@ -75,7 +77,7 @@ def trace_metrics(events: Sequence, graph=None) -> Dict:
                 link_iv[link].append((ev.start, ev.end))
                 link_bytes[link] += ev.bytes
     compute = merge(by_stream.get("compute", []))
-    io = merge([iv for s, ivs in by_stream.items() if s != "compute" for iv in ivs])
+    io = merge([iv for s, ivs in by_stream.items() if s not in NOT_IO for iv in ivs])
     busy = {link: length(merge(iv)) for link, iv in link_iv.items()}
     io_s = length(io)
     return {

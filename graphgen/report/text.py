@@ -26,13 +26,8 @@ def format_report(st: Dict) -> str:
         *compression_line(st.get("compression") or {}),
         f"throughput  prefill {st['prefill_tok_s']:.1f} tok/s   decode {st['decode_tok_s']:.1f} tok/s   "
         f"total {st['total_tok_s']:.2f} tok/s   (prefill {st['prefill_s']:.2f} s, decode {st['decode_s']:.2f} s)",
-        "peak memory   tier     planned      measured     budget",
     ]
-    for tier in ("device", "host", "disk"):
-        lines.append(f"              {tier:<7}  {gb(st['planned_peak_bytes'][tier]):>11}  "
-                     f"{gb(st['measured_peak_bytes'][tier]):>11}  {gb(st['budget_bytes'][tier]):>11}")
-    if "rss_peak_bytes" in st:
-        lines += measured_lines(st)
+    lines += memory_lines(st)
     moved = st.get("bytes_moved", {})
     real = {k: v for k, v in moved.items() if k.split("->")[0] != k.split("->")[1]}
     if real:
@@ -54,27 +49,45 @@ def format_report(st: Dict) -> str:
     return "\n".join(lines)
 
 
+def memory_lines(st: Dict) -> list:
+    """Peaks per tier (planned, measured, budget) and the process's RAM; per stage in a pipeline."""
+    stages = st.get("stages") or [st]
+    out = [("peak memory   " + ("stage " if len(stages) > 1 else "")
+            + "tier     planned      measured     budget")]
+    for d in stages:
+        label = f"{d['rank']:<5} " if len(stages) > 1 else ""
+        for tier in ("device", "host", "disk"):
+            out.append(f"              {label}{tier:<7}  {gb(d['planned_peak_bytes'][tier]):>11}  "
+                       f"{gb(d['measured_peak_bytes'][tier]):>11}  {gb(d['budget_bytes'][tier]):>11}")
+    for d in stages:
+        if "rss_peak_bytes" in d:
+            out += measured_lines(d, f"stage {d['rank']}: " if len(stages) > 1 else "")
+    return out
+
+
 def pipeline_lines(st: Dict) -> list:
     """Under torchrun (graphgen/distributed.py): each stage's time, the bubbles, bytes per link."""
     if not st.get("stages"):
         return []
+    blocks = st["stages"][0].get("blocks", 1)
     out = [f"pipeline      {len(st['stages'])} stages; bubble fraction {st['bubble_fraction']:.0%} "
-           f"(compute idle over stages x the slowest stage's wall time)"]
+           f"(compute idle over stages x the slowest stage's wall time){f', over {blocks} blocks' if blocks > 1 else ''}"]
     for d in st["stages"]:
         busy = "  ".join(f"{k} {v:.2f} s" for k, v in sorted(d["busy_s"].items()))
-        out.append(f"  stage {d['rank']}     {d['layers']} layers, wall {d['wall_s']:.2f} s; busy {busy}")
+        hidden = f"; {d['overlap_fraction']:.0%} of I/O hidden under compute" if d.get("io_busy_s") else ""
+        out.append(f"  stage {d['rank']}     {d['layers']} layers, wall {d['wall_s']:.2f} s; busy {busy}{hidden}")
     out += [f"  link        {k} {gb(v)} sent" for k, v in sorted(st.get("link_bytes", {}).items())]
     return out
 
 
-def measured_lines(st: Dict) -> list:
+def measured_lines(st: Dict, who: str = "") -> list:
     """Measured peaks (the 'measured' column above is the tiers' accounting) against the plan."""
     planned = st["planned_peak_bytes"]
     ram_plan = planned["host"] + (planned["device"] if st.get("device_type") == "cpu" else 0)
     grew = st["rss_peak_bytes"] - st["rss_start_bytes"]
     limit = ram_plan + st["overhead_bytes"]
     what = "device + host" if st.get("device_type") == "cpu" else "host"
-    out = [f"measured      RAM: the process grew {gb(grew)} during the run (RSS peak {gb(st['rss_peak_bytes'])}); "
+    out = [f"measured      {who}RAM: the process grew {gb(grew)} during the run (RSS peak {gb(st['rss_peak_bytes'])}); "
            f"plan ({what}) {gb(ram_plan)} + stated overhead {gb(st['overhead_bytes'])} = {gb(limit)}"]
     if grew <= limit:
         out.append("              within what the plan accounts for")
@@ -99,7 +112,7 @@ def link_line(link: str, nbytes: int, st: Dict) -> str:
     secs = st["prefill_s"] + st["decode_s"]
     busy = st.get("link_busy_s", {}).get(link)
     run_rate = f"{nbytes / secs / 1e9:.3f}" if secs else "-"
-    busy_rate = f"{nbytes / busy / 1e9:.3f}" if busy else "- (no trace)"
+    busy_rate = f"{nbytes / busy / 1e9:.3f}" if busy else "-" if link.startswith("stage") else "- (no trace)"
     return f"              {link:<14} {gb(nbytes):>11}  {run_rate:>13}   {busy_rate:>15}"
 
 

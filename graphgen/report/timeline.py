@@ -3,7 +3,8 @@ report/metrics.py).
 
 - draw_timeline: Gantt chart of the streams (load / compute / store and any disk I/O threads)
   over time, and bytes in use per tier over time;
-- chrome_trace: the trace as Chrome trace-event JSON (open in ui.perfetto.dev or chrome://tracing).
+- chrome_trace: the trace as Chrome trace-event JSON (open in ui.perfetto.dev or chrome://tracing);
+  under torchrun, stages_chrome_trace puts every rank's in one file, one process track per rank.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import ast
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..config import TIERS
 from .metrics import Interval, _link, node_index, trace_metrics
@@ -39,28 +40,54 @@ def _label(ev, nodes) -> str:
 def chrome_trace(trace, graph=None) -> Dict:
     """Trace-event JSON: one complete ("X") event per executed op, one thread per stream,
     and a counter track of MB in use per tier."""
-    events, nodes = list(trace.events), node_index(graph)
-    tid = {s: n + 1 for n, s in enumerate(streams_of(events))}
-    out = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "graphgen"}}]
-    for s, t in tid.items():
-        out.append({"ph": "M", "pid": 1, "tid": t, "name": "thread_name", "args": {"name": s}})
-        out.append({"ph": "M", "pid": 1, "tid": t, "name": "thread_sort_index", "args": {"sort_index": t}})
-    last = None
-    for ev in events:
-        out.append({"ph": "X", "pid": 1, "tid": tid[ev.stream], "name": _label(ev, nodes), "cat": ev.stream,
-                    "ts": ev.start * 1e6, "dur": max(0.0, ev.end - ev.start) * 1e6,
-                    "args": {"node": ev.name, "bytes": ev.bytes, "link": _link(ev, nodes)}})
-        mem = {t: round(ev.tier_bytes.get(t, 0) / 1e6, 3) for t in TIERS}
-        if mem != last:
-            out.append({"ph": "C", "pid": 1, "name": "memory in use (MB)", "ts": ev.end * 1e6, "args": mem})
-            last = mem
+    return _trace_file([(1, "graphgen", trace.events, 0.0)], graph)
+
+
+def stages_chrome_trace(stages: Sequence[Optional[Dict]], graph=None) -> Dict:
+    """A pipeline's traces (graphgen/distributed.py's gather_traces: {rank, t0_wall, events} per
+    rank) in one file: one process track per rank, on one time axis (the wall clock at which each
+    rank's trace began; across machines, as well as their clocks agree)."""
+    got = [s for s in stages if s]
+    t0 = min(s["t0_wall"] for s in got)
+    return _trace_file([(s["rank"] + 1, f"stage {s['rank']} (rank {s['rank']})", s["events"], s["t0_wall"] - t0)
+                        for s in got], graph)
+
+
+def _trace_file(processes, graph) -> Dict:
+    """processes: (pid, name, events, offset in seconds) each."""
+    nodes = node_index(graph)
+    out: List[Dict] = []
+    for pid, name, events, offset in processes:
+        out += _process(pid, name, list(events), offset, nodes)
     return {"traceEvents": out, "displayTimeUnit": "ms",
             "otherData": {"producer": "graphgen", "schedule": (graph.graph.get("schedule") if graph else None)}}
 
 
-def write_chrome_trace(trace, path: Path, graph=None) -> Path:
+def _process(pid: int, name: str, events, offset: float, nodes) -> List[Dict]:
+    tid = {s: n + 1 for n, s in enumerate(streams_of(events))}
+    out = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}},
+           {"ph": "M", "pid": pid, "name": "process_sort_index", "args": {"sort_index": pid}}]
+    for s, t in tid.items():
+        out.append({"ph": "M", "pid": pid, "tid": t, "name": "thread_name", "args": {"name": s}})
+        out.append({"ph": "M", "pid": pid, "tid": t, "name": "thread_sort_index", "args": {"sort_index": t}})
+    last = None
+    for ev in events:
+        out.append({"ph": "X", "pid": pid, "tid": tid[ev.stream], "name": _label(ev, nodes), "cat": ev.stream,
+                    "ts": (ev.start + offset) * 1e6, "dur": max(0.0, ev.end - ev.start) * 1e6,
+                    "args": {"node": ev.name, "bytes": ev.bytes, "link": _link(ev, nodes)}})
+        mem = {t: round(ev.tier_bytes.get(t, 0) / 1e6, 3) for t in TIERS}
+        if mem != last:
+            out.append({"ph": "C", "pid": pid, "name": "memory in use (MB)", "ts": (ev.end + offset) * 1e6,
+                        "args": mem})
+            last = mem
+    return out
+
+
+def write_chrome_trace(trace, path: Path, graph=None, stages: Optional[Sequence[Optional[Dict]]] = None) -> Path:
+    """trace.json: this process's trace, or with stages (under torchrun) every rank's."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(chrome_trace(trace, graph)))
+    data = stages_chrome_trace(stages, graph) if stages and any(stages) else chrome_trace(trace, graph)
+    path.write_text(json.dumps(data))
     return path
 
 
@@ -144,8 +171,12 @@ def _memory(ax, events, graph, t0: float, scale: float) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
 
 
+def timeline_title(graph) -> str:
+    return "" if graph is None else \
+        f"{getattr(graph.graph.get('spec'), 'name', '')}: schedule {graph.graph.get('schedule', '?')}"
+
+
 def write_timeline(trace, stem: Path, formats: Sequence[str] = ("png", "svg"), graph=None,
                    title: str = "") -> List[Path]:
-    if not title and graph is not None:
-        title = f"{getattr(graph.graph.get('spec'), 'name', '')}: schedule {graph.graph.get('schedule', '?')}"
+    title = title or timeline_title(graph)
     return save(draw_timeline(trace, graph, title), stem, formats)

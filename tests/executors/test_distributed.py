@@ -66,12 +66,23 @@ def test_tokens_identical_to_one_process(ckpts, tmp_path, stages):
 
 
 def test_cli_report_on_rank_zero(ckpts, tmp_path):
+    """One report, from rank 0, with every stage's figures of the call (2 blocks); one trace.json
+    with a process track per rank."""
     r = torchrun(2, ["-m", "graphgen", f"model.path={ckpts['opt']}", "model.dtype=float32", "workload.prompt_len=6",
-                     "workload.gen_len=4", "policy.gpu_batch_size=2", "policy.num_gpu_batches=2",
-                     "report.progress=false", f"hardware.offload_dir={tmp_path}", f"hydra.run.dir={tmp_path}"])
+                     "workload.gen_len=4", "workload.num_prompts=8", "policy.gpu_batch_size=2",
+                     "policy.num_gpu_batches=2", "report.progress=false", f"hardware.offload_dir={tmp_path}",
+                     f"hydra.run.dir={tmp_path}", "viz.timeline=true", "viz.formats=[png]"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("throughput") == 1  # one report, from rank 0
-    assert "pipeline      2 stages" in r.stdout and "stage0->stage1" in r.stdout and "stage1->stage0" in r.stdout
+    assert "pipeline      2 stages" in r.stdout and "over 2 blocks" in r.stdout
+    assert "stage0->stage1" in r.stdout and "stage1->stage0" in r.stdout
+    assert "peak memory   stage tier" in r.stdout and "              1     device" in r.stdout
+    assert "stage 0: RAM" in r.stdout and "stage 1: RAM" in r.stdout
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert {e["args"]["name"] for e in events if e["name"] == "process_name"} == {"stage 0 (rank 0)",
+                                                                                  "stage 1 (rank 1)"}
+    sends = {e["pid"] for e in events if e["ph"] == "X" and e["cat"] == "send"}
+    assert sends == {1, 2}  # activations from rank 0, token ids from rank 1
 
 
 def tiny_args(ckpts, offload):

@@ -18,7 +18,7 @@ from graphgen.progress import Progress
 from graphgen.report.text import format_report
 from graphgen.run import run
 from graphgen.report.metrics import trace_metrics
-from graphgen.report.timeline import chrome_trace, write_chrome_trace, write_timeline
+from graphgen.report.timeline import chrome_trace, stages_chrome_trace, write_chrome_trace, write_timeline
 from graphgen.report.files import write_dot, write_graphml
 from executors.trace import Event, Trace
 from passes import run_pipeline
@@ -123,6 +123,22 @@ def test_chrome_trace_of_any_executor_streams():
                  ev("disk-io-1", 0, 1, 10)]
     names = [e["args"]["name"] for e in chrome_trace(tr)["traceEvents"] if e["name"] == "thread_name"]
     assert names == ["load", "compute", "disk-io-1"]
+
+
+def test_pipeline_trace_is_one_file_with_a_process_track_per_rank(tmp_path):
+    """Under torchrun rank 0 writes every rank's events (graphgen/distributed.py gather_traces) into one
+    trace.json: one process per rank, named, on one time axis (each rank's start on the wall clock)."""
+    ranks = [{"rank": 0, "t0_wall": 100.0, "events": [ev("compute", 0, 1), ev("send", 1, 1.1, 64, "stage0->stage1")]},
+             {"rank": 1, "t0_wall": 100.5, "events": [ev("recv", 0, 0.7, 64, "stage0->stage1"), ev("compute", .7, 2)]}]
+    data = json.loads(write_chrome_trace(None, tmp_path / "trace.json", None, ranks).read_text())["traceEvents"]
+    assert data == stages_chrome_trace(ranks)["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in data if e["name"] == "process_name"}
+    assert procs == {1: "stage 0 (rank 0)", 2: "stage 1 (rank 1)"}
+    threads = {(e["pid"], e["args"]["name"]) for e in data if e["name"] == "thread_name"}
+    assert threads == {(1, "compute"), (1, "send"), (2, "recv"), (2, "compute")}
+    start = {(e["pid"], e["cat"]): e["ts"] for e in data if e["ph"] == "X"}
+    assert start[(1, "compute")] == 0 and start[(2, "recv")] == pytest.approx(0.5e6)  # rank 1 began 0.5 s later
+    assert {e["pid"] for e in data if e["ph"] == "C"} == {1, 2}  # memory per rank
 
 
 # --- the CLI job: files in the run directory, JSON report, dry run, progress bar -------------
