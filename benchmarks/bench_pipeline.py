@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -63,31 +62,10 @@ def run(cfg) -> dict:
     return st
 
 
-def link(rounds: int = 50, nbytes: int = 1 << 20):
-    """gloo between rank 0 and 1: latency (8-byte ping-pong) and bandwidth (1 MiB messages)."""
-    import torch.distributed as dist
-
-    out = []
-    for n in (8, nbytes):
-        t = torch.zeros(n // 4)
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(rounds):
-            if dist.get_rank() == 0:
-                dist.send(t, 1)
-                dist.recv(t, 1)
-            else:
-                dist.recv(t, 0)
-                dist.send(t, 0)
-        out.append((time.perf_counter() - t0) / (2 * rounds))
-    lat, big = out
-    return {"net_latency_s": lat, "net_bw": nbytes / big}  # the big message's latency included: a floor
-
-
 def worker(a) -> None:
     offload = tempfile.mkdtemp(prefix="bench-pipeline-")
     cfg = distributed.setup(compose(overrides(a, offload) + ["policy.percent=[100,0,100,0,100,0]"]))
-    net = link()
+    net = distributed.measure_link(50)
     st = run(cfg)
     if distributed.is_reporter():
         Path(a.worker).write_text(json.dumps({"stats": st, "net": net}, default=str))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
@@ -68,15 +70,21 @@ def setup(cfg: Config) -> Config:
                          f"torchrun --nproc-per-node (x --nnodes) to {cfg.parallel.stages}, or drop parallel.stages "
                          f"(it defaults to the world size)")
     me = int(os.environ.get("RANK", "0"))
-    if cfg.hardware.device.startswith("cuda"):
+    runs = cfg.job.name in ("generate", "batch")  # simulate and plan run nothing: gloo, no GPU needed
+    if runs and cfg.hardware.device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"rank {me}: hardware.device={cfg.hardware.device} but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s) for local rank {local}: start at most that many "
+                             f"processes per machine (torchrun --nproc-per-node), or set hardware.device=cpu")
         torch.cuda.set_device(local)
         cfg = replace(cfg, hardware=replace(cfg.hardware, device=f"cuda:{local}"))
     timeout = timedelta(seconds=float(cfg.parallel.timeout_s))
     global _timeout_s
     _timeout_s = timeout.total_seconds()
     try:
-        dist.init_process_group("nccl" if cfg.hardware.device.startswith("cuda") else "gloo", timeout=timeout)
+        dist.init_process_group("nccl" if runs and cfg.hardware.device.startswith("cuda") else "gloo",
+                                timeout=timeout)
     except RuntimeError as e:
         raise ConnectionError(f"rank {me}: not all {world} ranks joined within parallel.timeout_s="
                               f"{timeout.total_seconds():g} s (a rank failed to start, or MASTER_ADDR / "
@@ -140,6 +148,52 @@ def check_agree(everyone: List[Dict]) -> None:
             raise ValueError(f"rank {r}'s checkpoint differs from rank 0's (config.json or weight file sizes; "
                              f"{d['checkpoint']} vs {ref['checkpoint']}): copy the same checkpoint to every "
                              f"machine (model.path)")
+
+
+def for_prediction(cfg: Config) -> Optional[Config]:
+    """job=simulate / job=plan under torchrun: rank 0 predicts or draws the whole pipeline, with every
+    rank's budgets (setup) and, to simulate, the link measured between the ranks where
+    hardware.profile.net_bw / net_latency_s are not set; None on the other ranks (nothing to do)."""
+    if not dist.is_initialized():
+        return cfg
+    link = measure_link() if cfg.job.name == "simulate" else {}
+    if rank() != 0:
+        return None
+    missing = {k: v for k, v in link.items() if k not in cfg.hardware.profile}
+    if missing:
+        print(f"graphgen: the link between ranks, measured: {link['net_bw'] / 1e9:.2f} GB/s, latency "
+              f"{link['net_latency_s'] * 1e6:.0f} us (+hardware.profile.net_bw / net_latency_s set others)",
+              file=sys.stderr)
+        cfg = replace(cfg, hardware=replace(cfg.hardware, profile={**cfg.hardware.profile, **missing}))
+    return cfg
+
+
+def measure_link(rounds: int = 20, nbytes: int = 1 << 20) -> Dict[str, float]:
+    """The slowest link between neighbouring ranks (r and r + 1, as activations flow), for the cost
+    model: latency of an 8-byte ping-pong, and bytes/s of nbytes messages (their latency included:
+    a floor). Every rank calls it; each gets the result."""
+    me, world = rank(), dist.get_world_size()
+    worst = {"net_latency_s": 0.0, "net_bw": float("inf")}
+    for a in range(world - 1):  # one pair at a time: the others wait at the barrier
+        dist.barrier()
+        if me not in (a, a + 1):
+            continue
+        times = []
+        for n in (8, nbytes):
+            t = torch.zeros(n // 4)
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                if me == a:
+                    dist.send(t, a + 1)
+                    dist.recv(t, a + 1)
+                else:
+                    dist.recv(t, a)
+                    dist.send(t, a)
+            times.append((time.perf_counter() - t0) / (2 * rounds))
+        worst = {"net_latency_s": max(worst["net_latency_s"], times[0]), "net_bw": min(worst["net_bw"], nbytes / times[1])}
+    everyone: List[Optional[Dict]] = [None] * world
+    dist.all_gather_object(everyone, worst)
+    return {"net_latency_s": max(d["net_latency_s"] for d in everyone), "net_bw": min(d["net_bw"] for d in everyone)}
 
 
 # what each rank adds to its stage's figures for rank 0's report (graphgen/api.py's stats of the call)

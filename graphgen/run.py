@@ -60,6 +60,10 @@ def run(cfg: Config) -> Dict:
         raise ValueError(f"job.name={cfg.job.name!r} is unknown: use job={' | job='.join(JOBS)}")
     cfg = distributed.setup(cfg)  # under torchrun: one pipeline stage per rank (graphgen/distributed.py)
     try:
+        if cfg.job.name in ("simulate", "plan"):  # under torchrun: rank 0 only, with every rank's budgets
+            cfg = distributed.for_prediction(cfg)
+            if cfg is None:
+                return {}
         return JOBS[cfg.job.name](cfg)
     finally:
         distributed.teardown()
@@ -116,14 +120,17 @@ def plan_job(cfg: Config) -> Dict:
     cfg = resolve_policy(cfg, spec=spec)
     graph = compile(spec, cfg, workload_shape(cfg))
     out = files.output_dir(cfg)
+    stages = graph.graph.get("stage_layers") if graph.graph.get("num_stages", 1) > 1 else None
     written = files.write_visuals(replace(cfg, viz=replace(cfg.viz, timeline=False)), graph, None, out)
     st = {"model": cfg.model.name, "schedule": graph.graph["schedule"], "dry_run": True,
           "planned_peak_bytes": dict(graph.graph["peak_bytes"]), "budget_bytes": dict(graph.graph["budgets"]),
-          "files": [str(f) for f in written]}
+          "files": [str(f) for f in written], **({"stage_layers": list(stages)} if stages else {})}
     text = "\n".join([
         f"plan (job=plan): {cfg.model.name}, schedule {st['schedule']}; nothing was run",
         "planned peak  " + "   ".join(f"{t} {gb(st['planned_peak_bytes'][t])} of {gb(st['budget_bytes'][t])}"
-                                      for t in TIERS)] + [f"file          {f}" for f in st["files"]])
+                                      for t in TIERS) + (" (the stage nearest its budget)" if stages else "")]
+        + ([f"pipeline      {len(stages)} stages of {', '.join(map(str, stages))} layers"] if stages else [])
+        + [f"file          {f}" for f in st["files"]])
     emit(st, cfg, out, text)
     return st
 

@@ -5,8 +5,9 @@ graph.graph: num_stages, stage_layers (layers per stage), stage_of_layer, stage_
 Stages are contiguous runs of layers; the embedding is on the first stage and the head on the
 last (as FlexGen's dist_flex_opt.py). parallel.stage_layers pins the split; otherwise the split
 minimises the slowest stage's time (compute, plus the weight I/O its policy.percent implies at
-the profile's rates) among the splits whose weights and cache fit each stage's own budgets
-(when none does, plan_memory refuses the plan naming the stage and the keys to change).
+the profile's rates) among the splits whose weights and cache, with room for the largest
+workspace and activations of its layers, fit each stage's own budgets (when none does,
+plan_memory refuses the plan naming the stage and the keys to change).
 """
 from __future__ import annotations
 
@@ -80,15 +81,20 @@ def layer_seconds(graph, cfg) -> List[float]:
 
 def layer_bytes(graph, cfg) -> List[dict]:
     """Bytes each layer keeps on each tier for the whole block: its weights and the KV caches of its
-    GPU batches, split by policy.percent (activations and workspace are left to plan_memory)."""
+    GPU batches, split by policy.percent; and on the device, while it computes ("transient"), its
+    largest workspace beside the activations of every GPU batch in and out (plan_memory has the
+    exact figure; a stage needs the largest transient of its layers, not their sum)."""
     pc, nb = cfg.policy.percent, graph.graph["num_batches"]
-    out = []
-    for j in range(graph.graph["num_layers"]):
+    out = [{"device": 0.0, "host": 0.0, "disk": 0.0, "transient": 0} for _ in range(graph.graph["num_layers"])]
+    for n, a in graph.nodes(data=True):
+        if "kind" in a:
+            t = a["workspace"] + 2 * nb * a["act_bytes"]
+            out[n[1]]["transient"] = max(out[n[1]]["transient"], t)
+    for j, o in enumerate(out):
         a = graph.nodes[(0, j, 0)]
         w, kv = a["w_bytes"], a.get("kv_bytes", 0) * nb
-        out.append({"device": w * pc[0] / 100 + kv * pc[2] / 100,
-                    "host": w * pc[1] / 100 + kv * pc[3] / 100,
-                    "disk": w * (100 - pc[0] - pc[1]) / 100 + kv * (100 - pc[2] - pc[3]) / 100})
+        o.update(device=w * pc[0] / 100 + kv * pc[2] / 100, host=w * pc[1] / 100 + kv * pc[3] / 100,
+                 disk=w * (100 - pc[0] - pc[1]) / 100 + kv * (100 - pc[2] - pc[3]) / 100)
     return out
 
 
@@ -106,8 +112,18 @@ def balanced(secs: List[float], nbytes: Optional[List[dict]], budgets: List[dict
         for t in tiers:
             pb[t].append(pb[t][-1] + b[t])
 
+    peak = {}  # (lo, hi) -> the largest transient of layers lo..hi-1
+
+    def transient(lo, hi):
+        if (lo, hi) not in peak:
+            peak[lo, hi] = max(nbytes[hi - 1].get("transient", 0), transient(lo, hi - 1) if hi - 1 > lo else 0)
+        return peak[lo, hi]
+
     def fits(s, lo, hi):
-        return nbytes is None or all(pb[t][hi] - pb[t][lo] <= budgets[s][t] for t in tiers)
+        if nbytes is None:
+            return True
+        return all(pb[t][hi] - pb[t][lo] + (transient(lo, hi) if t == "device" else 0) <= budgets[s][t]
+                   for t in tiers)
 
     INF = float("inf")
     best = [[INF] * (L + 1) for _ in range(S + 1)]  # best[s][e]: first e layers on s stages

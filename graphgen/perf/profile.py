@@ -311,12 +311,18 @@ def load_or_measure(device: str = "cpu", offload_dir: Optional[str] = None,
 # ---------------------------------------------------------------- CLI
 
 
+# the interconnect between pipeline stages, not this machine: added to a measured profile
+LINK_KEYS = ("net_bw", "net_latency_s")
+
+
 def hardware_profile(cfg) -> Dict[str, float]:
-    """The configured profile; `hardware=auto` (or an empty profile) measures this machine."""
+    """The configured profile; `hardware=auto` (or a profile with none but LINK_KEYS) measures this
+    machine and adds the link's keys."""
     hw = cfg.hardware
-    if hw.profile:
-        return dict(hw.profile)
-    return load_or_measure(hw.device, hw.offload_dir)
+    given = dict(hw.profile)
+    if any(k not in LINK_KEYS for k in given):
+        return given
+    return {**load_or_measure(hw.device, hw.offload_dir), **given}
 
 
 def format_table(profile: Dict[str, float], meta: Optional[Dict[str, object]] = None) -> str:

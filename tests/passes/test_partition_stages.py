@@ -60,6 +60,15 @@ def test_split_keeps_each_stage_within_its_budgets():
     assert balanced([1, 1, 1, 1], nbytes, [{"device": 3, "host": 0, "disk": 0}] * 2) is None
 
 
+def test_a_stage_keeps_room_for_its_largest_transient():
+    """Workspace and activations while a layer computes count once per stage (its largest), not summed."""
+    nbytes = [{"device": 1, "host": 0, "disk": 0, "transient": 2}] * 4
+    room = lambda n: {"device": n, "host": 0, "disk": 0}  # noqa: E731
+    assert balanced([1, 1, 1, 1], nbytes, [room(100), room(3)]) == [3, 1]  # 1 + 2 on stage 1
+    assert balanced([1, 1, 1, 1], nbytes, [room(4), room(4)]) == [2, 2]  # 2 + 2 each, not 2 + 4
+    assert balanced([1, 1, 1, 1], nbytes, [room(3), room(3)]) is None
+
+
 def test_stage_layers_pins_the_split():
     g, _ = staged(2, stage_layers=[5, 5])
     assert g.graph["stage_layers"] == [5, 5]
