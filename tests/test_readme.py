@@ -3,7 +3,8 @@
 Every `python -m graphgen ...` command composes (its Hydra overrides are valid); every
 `python -m graphgen.<module> ...`, `python benchmarks/...` and `python docs/...` command is
 accepted by that script's argument parser (parsed only, not run); the cheap ones (`job=plan`,
-`job=simulate`) run; the README's Python snippet runs.
+`job=simulate`) run; every `torchrun ... -m graphgen ...` line parses; the README's Python
+snippet runs.
 """
 from __future__ import annotations
 
@@ -138,6 +139,32 @@ def test_cheap_command_runs(cmd, where, monkeypatch, tmp_path):
     assert st, f"{where}: python {' '.join(cmd)} reported nothing"
     files = st.get("files", []) if isinstance(st, dict) else []  # job=plan's report lists its pictures
     assert all(Path(f).is_file() for f in files), files
+
+
+def _torchrun_commands():
+    """`torchrun ...` lines of the shell blocks (the pipeline's launcher), with where they are."""
+    out = {}
+    for f in DOCS:
+        for lang, body in FENCE.findall(f.read_text()):
+            if lang in SHELL_LANGS:
+                for ln in _shell_lines(body):
+                    if ln.startswith("torchrun "):
+                        out.setdefault(tuple(shlex.split(ln, comments=True)[1:]), f.relative_to(ROOT).as_posix())
+    return sorted(out.items())
+
+
+TORCHRUN = _torchrun_commands()
+
+
+@pytest.mark.parametrize("cmd,where", TORCHRUN, ids=[f"{w}: torchrun {' '.join(c)}"[:120] for c, w in TORCHRUN])
+def test_torchrun_command_parses(cmd, where):
+    """torchrun accepts the flags, the module is graphgen and its overrides compose (the pipeline
+    itself runs in tests/executors/test_distributed.py and tests/apps/test_batch_torchrun.py)."""
+    from torch.distributed.run import get_args_parser
+
+    args = get_args_parser().parse_args(list(cmd))
+    assert args.module and args.training_script == "graphgen", f"{where}: torchrun {' '.join(cmd)}"
+    compose(list(args.training_script_args))
 
 
 def test_docs_python_blocks_compile():

@@ -231,3 +231,15 @@ def test_calibration_never_caches_an_inconsistent_profile(cache_env, monkeypatch
     monkeypatch.setattr(calibrate, "fit", lambda runs, dtype: ({"compute_overhead_s": 3e-4}, {}))
     calibrate.calibrate(verbose=False)
     assert json.loads(hp.cache_path("cpu").read_text())["profile"]["calibrated"] == 1.0
+
+
+def test_link_keys_alone_add_to_this_machines_profile(monkeypatch):
+    """+hardware.profile.net_bw (the interconnect of a pipeline) with hardware=auto: this machine is still
+    measured, and the link's keys are added; any other key makes the profile the one given."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(hp, "load_or_measure", lambda device, offload_dir: {"device_flops_float32": 1e11})
+    cfg = lambda prof: SimpleNamespace(hardware=SimpleNamespace(profile=prof, device="cpu", offload_dir=None))  # noqa: E731
+    assert hp.hardware_profile(cfg({"net_bw": 1e9})) == {"device_flops_float32": 1e11, "net_bw": 1e9}
+    assert hp.hardware_profile(cfg({})) == {"device_flops_float32": 1e11}
+    assert hp.hardware_profile(cfg({"h2d_bw": 1.0, "net_bw": 1e9})) == {"h2d_bw": 1.0, "net_bw": 1e9}
