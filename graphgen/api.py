@@ -313,8 +313,8 @@ def stage_figures(block_stats: List[Dict]) -> Dict:
             busy[k] = busy.get(k, 0.0) + v
         for k, v in s["sent_bytes"].items():
             sent[k] = sent.get(k, 0) + v
-    return {"stage": dict(per[-1], blocks=len(per), wall_s=sum(s["wall_s"] for s in per), busy_s=busy,
-                          sent_bytes=sent)}
+    return {"stage": dict(per[-1], blocks=sum(s.get("blocks", 1) for s in per), wall_s=sum(s["wall_s"] for s in per),
+                          busy_s=busy, sent_bytes=sent)}
 
 
 def measured_memory(block_stats: List[Dict], device: str) -> Dict:

@@ -248,17 +248,26 @@ def combine_stages(st: Dict, everyone: List[Dict]) -> Dict:
     st.update(prefill_tok_s=n * S / st["prefill_s"] if st["prefill_s"] else 0.0,
               decode_tok_s=n * (gen - 1) / st["decode_s"] if st["decode_s"] and gen > 1 else 0.0,
               total_tok_s=n * gen / (st["prefill_s"] + st["decode_s"]) if st["prefill_s"] + st["decode_s"] else 0.0)
-    span = max(d["wall_s"] for d in everyone)
-    busy = sum(d["busy_s"].get("compute", 0.0) for d in everyone)
-    links, moved, link_busy = {}, {}, {}
+    pipe = pipeline_figures(everyone)
+    links, moved, link_busy = pipe["link_bytes"], {}, {}
     for d in everyone:
-        for k, v in d["sent_bytes"].items():
-            links[k] = links.get(k, 0) + v
         for k, v in d.get("bytes_moved", {}).items():
             if not k.startswith("stage"):  # tiers within the stage; between stages: what was sent
                 moved[k] = moved.get(k, 0) + v
         for k, v in d.get("link_busy_s", {}).items():
             link_busy[k] = link_busy.get(k, 0.0) + v
-    st.update(stages=everyone, bubble_fraction=1.0 - busy / (len(everyone) * span) if span else 0.0,
-              link_bytes=links, bytes_moved={**moved, **links}, link_busy_s=link_busy)
+    st.update(pipe, bytes_moved={**moved, **links}, link_busy_s=link_busy)
     return st
+
+
+def pipeline_figures(everyone: List[Dict]) -> Dict:
+    """The stages' figures, the bubble fraction (compute idle over stages x the slowest stage's
+    wall time) and the bytes sent per link between stages."""
+    span = max(d["wall_s"] for d in everyone)
+    busy = sum(d["busy_s"].get("compute", 0.0) for d in everyone)
+    links: Dict[str, int] = {}
+    for d in everyone:
+        for k, v in d["sent_bytes"].items():
+            links[k] = links.get(k, 0) + v
+    return {"stages": everyone, "bubble_fraction": 1.0 - busy / (len(everyone) * span) if span else 0.0,
+            "link_bytes": links}

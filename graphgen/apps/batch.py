@@ -28,6 +28,8 @@ from graphgen.apps.batch_io import (BadInputError, BadLine, GenSettings, JobRefu
 from graphgen.apps.job_config import resolve_job
 from graphgen.chat_template import end_of_turn_ids
 from graphgen.apps.openai_batch import response_line
+from graphgen.api import stage_figures
+from graphgen.report.text import pipeline_lines
 from graphgen.stopping import finish, normalize_stops
 
 
@@ -225,6 +227,7 @@ def _run_blocks(llm, blocks, out, summary: BatchSummary, followers: "Followers",
             followers.run(block, seeds, logprobs or block[0].gen.logprobs)
             lines = generate_block(llm, block, seed=seeds, logprobs=logprobs, eos_id=eos_id, pad_id=pad_id)
             followers.idle = True
+            followers.blocks.append(stage_of(llm))
             append_durably(out, output_lines(llm, block, lines, logprobs))
             summary.generated += len(lines)
             summary.completion_tokens += sum(ln["completion_tokens"] for ln in lines)
@@ -242,6 +245,7 @@ class Followers:
     def __init__(self):
         self.active = distributed.world_size() > 1
         self.idle = True  # between blocks: the other ranks wait for a message
+        self.blocks: List[Optional[Dict]] = []  # this rank's stage figures of each generate call
 
     def run(self, block: List[Request], seeds: Optional[List[int]], logprobs: bool) -> None:
         self._send(("block", block, seeds, logprobs))
@@ -249,6 +253,8 @@ class Followers:
 
     def done(self) -> None:
         self._send(("done",))
+        if self.active:
+            pipeline_summary(self.blocks)
 
     def stop(self, err: BaseException) -> None:
         """Rank 0 refused the job or failed between blocks: the others stop now (not after
@@ -271,17 +277,34 @@ def follow_blocks(llm: Any) -> BatchSummary:
     it says done; rank 0 writes the results."""
     pad_id = llm.spec.pad_token_id if llm.spec.pad_token_id is not None else (llm.spec.eos_token_id or 0)
     summary = BatchSummary()
-    t0 = time.perf_counter()
+    t0, stages = time.perf_counter(), []
     while True:
         msg = distributed.from_reporter(None, "the next block of requests")
         if msg[0] == "done":
+            pipeline_summary(stages)
             return summary
         if msg[0] == "stop":
             raise JobRefused(f"rank {distributed.rank()}: rank 0 stopped the batch job: {msg[1]}")
         _, block, seeds, logprobs = msg
         block_tokens(llm, block, seed=seeds, logprobs=logprobs, pad_id=pad_id)
+        stages.append(stage_of(llm))
         summary.generated += len(block)
         summary.seconds = time.perf_counter() - t0
+
+
+def stage_of(llm: Any) -> Optional[Dict]:
+    """This rank's stage figures of the LLM's last generate call (graphgen/api.py), if a pipeline."""
+    return (getattr(llm, "last_stats", None) or {}).get("stage")
+
+
+def pipeline_summary(calls: List[Optional[Dict]]) -> None:
+    """After the job, every rank: rank 0 prints each stage's time over the whole job, the bubble
+    fraction and the bytes sent per link (as the generate job's report does)."""
+    mine = stage_figures([{"stage": c} for c in calls if c]).get("stage")
+    everyone = distributed.to_reporter(mine, "its stage's figures for the report")
+    if everyone and all(everyone):
+        for line in pipeline_lines(distributed.pipeline_figures(everyone)):
+            _log(line)
 
 
 def default_block_size(llm: Any) -> int:

@@ -1,6 +1,6 @@
 """The batch job under torchrun (a 2-stage pipeline, gloo on CPU, real processes): rank 0 alone
-reads the input and writes the results, identical to one process; a refused job stops every
-rank at once; a rank killed mid-run stops the other, naming it, and a rerun writes the rest,
+reads the input and writes the results, identical to one process, and prints each stage's
+figures over the job; a refused job stops every rank at once; a rank killed mid-run stops the other, naming it, and a rerun writes the rest,
 each id once."""
 from __future__ import annotations
 
@@ -92,4 +92,5 @@ def test_killed_rank_stops_the_other_then_rerun_resumes(ckpt, tmp_path, killed):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming, {len(written)}/{n} prompts already in" in r.stderr
     assert f"batch: {n - len(written)} generated" in r.stderr
+    assert "pipeline      2 stages; bubble fraction" in r.stderr and "link        stage0->stage1" in r.stderr
     assert by_id(out) == one_process(ckpt, inp, tmp_path / "one.jsonl")
