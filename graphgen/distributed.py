@@ -53,10 +53,16 @@ def from_reporter(obj: Any, what: str) -> Any:
     try:
         dist.broadcast_object_list(box, src=0)
     except RuntimeError as e:
-        who = "another rank did not receive" if rank() == 0 else "rank 0 did not send"
+        who = f"{others()} did not receive" if rank() == 0 else "rank 0 did not send"
         raise ConnectionError(f"rank {rank()}: {who} {what} within parallel.timeout_s={_timeout_s:g} s: it "
                               f"died or hung (see its log); ({str(e).splitlines()[0] if str(e) else e})") from None
     return box[0]
+
+
+def others() -> str:
+    """The ranks other than 0, in words: which one failed a collective, the error does not say."""
+    world = dist.get_world_size()
+    return "rank 1" if world == 2 else f"one of ranks 1..{world - 1}"
 
 
 def setup(cfg: Config) -> Config:
@@ -212,7 +218,7 @@ def to_reporter(obj: Any, what: str) -> Optional[List[Any]]:
     try:
         dist.gather_object(obj, everyone, dst=0)
     except RuntimeError as e:
-        who = "another rank did not send" if rank() == 0 else "rank 0 did not receive"
+        who = f"{others()} did not send" if rank() == 0 else "rank 0 did not receive"
         raise ConnectionError(f"rank {rank()}: {who} {what} within parallel.timeout_s={_timeout_s:g} s: it "
                               f"died or hung (see its log); ({str(e).splitlines()[0] if str(e) else e})") from None
     return everyone

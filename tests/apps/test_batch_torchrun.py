@@ -80,7 +80,7 @@ def test_killed_rank_stops_the_other_then_rerun_resumes(ckpt, tmp_path, killed):
         t0 = time.monotonic()
         other = procs[1 - killed]
         _, err = other.communicate(timeout=60)
-        assert other.returncode == 2 and f"rank {killed}" in err and "died or hung" in err, err[-2000:]
+        assert other.returncode == 2 and f"rank {killed}" in err and "died" in err, err[-2000:]
         assert time.monotonic() - t0 < 15  # the connection closed: well before parallel.timeout_s
     finally:
         for p in procs:
