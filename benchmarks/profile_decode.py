@@ -1,4 +1,5 @@
-"""Profile of graphgen's decode steps: self CPU time per op inside the decode squares only.
+"""Profile of graphgen's decode steps: self CPU time per op inside the decode squares only
+(--phase prefill: the prefill's).
 
 A torch.profiler record of one generate call; each decode op runs under a record_function
 marker, and every op below a marker counts, per decode step. Prints the op table and the decode
@@ -22,13 +23,13 @@ from common import LLM  # noqa: E402
 from executors.base import Executor  # noqa: E402
 
 
-def mark_decode_ops() -> None:
-    """Run every op of a decode square under a "DECODE" profiler range."""
+def mark_decode_ops(phase: str = "decode") -> None:
+    """Run every op of a decode (or prefill) square under a "DECODE" profiler range."""
     execute = Executor.execute
 
     def marked(self, node):
         b = self.A[node]
-        if (self.A[b["square"]] if "square" in b else b).get("step_kind") == "decode":
+        if (self.A[b["square"]] if "square" in b else b).get("step_kind") == phase:
             with record_function("DECODE"):
                 return execute(self, node)
         return execute(self, node)
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=9)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--executor", default="reference")
+    ap.add_argument("--phase", choices=("decode", "prefill"), default="decode",
+                    help="profile the decode steps (default) or the prefill")
     ap.add_argument("--shapes", action="store_true", help="one row per op and input shapes")
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("overrides", nargs="*", help="more graphgen overrides, e.g. policy.compress_weight.bits=4")
@@ -66,7 +69,7 @@ def main() -> None:
     ov = ["model.dtype=bfloat16", "policy=all-device", f"policy.gpu_batch_size={B}", "policy.num_gpu_batches=1",
           f"executor.name={args.executor}", "hardware.device_mem=64GB", "report.progress=false", *args.overrides]
     ids = torch.randint(4, 1000, (B, P), generator=torch.Generator().manual_seed(0))
-    mark_decode_ops()
+    mark_decode_ops(args.phase)
     with LLM(args.model, ov) as llm:
         llm.generate(ids[:, :8], max_new_tokens=2)  # warm-up: places the weights
         llm.generate(ids, max_new_tokens=G)
@@ -74,8 +77,13 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
             llm.generate(ids, max_new_tokens=G)
     n = G - 1
-    print(f"decode {B * n / plain:.1f} tok/s ({plain / n * 1e3:.1f} ms/step) unprofiled; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    if args.phase == "prefill":
+        plain, n = llm.last_stats["prefill_s"], 1
+        print(f"prefill {B * P / plain:.1f} tok/s ({plain * 1e3:.1f} ms) in the profiled run; "
+              f"load average {os.getloadavg()[0]:.1f}")
+    else:
+        print(f"decode {B * n / plain:.1f} tok/s ({plain / n * 1e3:.1f} ms/step) unprofiled; "
+              f"load average {os.getloadavg()[0]:.1f}")
     tot = per_op(prof, args.shapes)
     total = sum(tot.values())
     w = 100 if args.shapes else 50
