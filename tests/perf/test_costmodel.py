@@ -247,3 +247,19 @@ def test_kv_cache_reads_from_disk_have_their_own_rate():
     assert m.link_s("disk", "host", 4 * 10**9, cache=True) == pytest.approx(1.0)
     assert m.link_s("disk", "host", 4 * 10**9) == pytest.approx(4.0)
     assert CostModel({"disk_read_bw": 1e9}, "bfloat16", "cpu").link_s("disk", "host", 10**9, cache=True) == 1.0
+
+
+def test_cpu_copies_within_ram_on_the_compute_stream_are_simulated():
+    """On a CPU (hardware.device=cpu) insert_io runs loads and stores within RAM inline on the compute
+    stream: the simulator charges their time to their square's step kind."""
+    cfg = compose(["model=opt-125m", "model.dtype=float32", "executor=async", "hardware.device=cpu",
+                   "policy.percent=[0,100,100,0,100,0]"])
+    cfg.hardware.profile = dict(PROFILE, device_is_host=1.0)
+    g = build_graph(build_spec(hf_config_from_arch(TINY)), batch=4, num_batches=2, prompt_len=16, gen_len=4,
+                    dtype="float32")
+    g = run_pipeline(g, cfg)
+    inline = [m for m in g.graph["ops"] if g.nodes[m].get("op") in ("load", "store")
+              and g.nodes[m].get("stream") == "compute"]
+    assert inline  # weights on the host: their loads to the device run on the compute stream
+    pr = predict(cfg, g)
+    assert pr.prefill_s > 0 and pr.decode_s > 0 and pr.busy_s["load"] == 0
