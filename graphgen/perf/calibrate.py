@@ -40,6 +40,7 @@ from ..config import compose
 from ..costs import kv_slice_bytes
 from . import checks, profile as hp
 from .costmodel import attention_flops
+from .probes import run_ahead
 
 # probe jobs: (model conf, overrides); two decoder blocks keep dummy weights and runs short
 PROBE = ["model.arch.num_hidden_layers=2", "model.weights=dummy", "executor=async", "report.progress=false",
@@ -232,13 +233,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m graphgen.perf.calibrate", description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype to calibrate (bfloat16 | float32)")
     ap.add_argument("--offload-dir", default=None, help="disk tier directory (default: the profile's)")
-    ap.add_argument("--nice", type=int, default=-15, help="scheduling priority while probing (root: "
-                    "negative runs ahead of other processes, whose load would be fitted as noise)")
+    ap.add_argument("--nice", type=int, default=-15, help="scheduling priority while probing, of this process "
+                    "and its session's autogroup (root: negative runs ahead of other processes, whose load "
+                    "would be fitted as noise)")
     args = ap.parse_args(argv)
-    try:
-        os.nice(args.nice)
-    except OSError:
-        pass
+    print(f"graphgen: calibrating at {run_ahead(args.nice)}", file=sys.stderr)
     calibrate(args.dtype, args.offload_dir)
 
 

@@ -243,3 +243,26 @@ def test_link_keys_alone_add_to_this_machines_profile(monkeypatch):
     assert hp.hardware_profile(cfg({"net_bw": 1e9})) == {"device_flops_float32": 1e11, "net_bw": 1e9}
     assert hp.hardware_profile(cfg({})) == {"device_flops_float32": 1e11}
     assert hp.hardware_profile(cfg({"h2d_bw": 1.0, "net_bw": 1e9})) == {"h2d_bw": 1.0, "net_bw": 1e9}
+
+
+def test_timing_runs_ahead_of_other_sessions_where_allowed(monkeypatch, tmp_path):
+    """run_ahead sets this process's nice and its session's autogroup nice (with autogroup scheduling
+    a nice value alone only ranks a process within its own session), and says what it got."""
+    nices, group = [0], tmp_path / "autogroup"
+
+    def nice(inc):
+        nices[0] += inc
+        return nices[0]
+
+    real_open = open
+    monkeypatch.setattr(probes.os, "nice", nice)
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(group if p == "/proc/self/autogroup" else p, *a, **k))
+    assert probes.run_ahead(-15) == "nice -15, autogroup nice -15"
+    assert nices == [-15] and group.read_text() == "-15"
+
+    def refused(*a, **k):
+        raise PermissionError("not root")
+
+    monkeypatch.setattr(probes.os, "nice", refused)
+    monkeypatch.setattr("builtins.open", refused)
+    assert probes.run_ahead(-15).startswith("normal priority")
