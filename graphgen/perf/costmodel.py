@@ -236,7 +236,13 @@ class CostModel:
 
     def io_s(self, b: dict) -> float:
         """A load or store op: its link (compressed weights move compressed; the square that uses
-        them first dequantises them, see compute_parts)."""
+        them first dequantises them, see compute_parts). A copy within RAM run inline on the
+        compute stream (CPU: passes/insert_io.py) costs its dispatch (inline_io_s, when calibrated)
+        and, for a store, the slice it writes at host_memcpy_bw; a load there hands over the
+        tensor it finds, copying nothing."""
+        if b.get("stream") == "compute":
+            copied = b["bytes"] if b["op"] == "store" and self.opt("host_memcpy_bw") else 0
+            return self.opt("inline_io_s") + copied / self.opt("host_memcpy_bw", 1.0)
         return self.link_s(b["src"], b["dst"], b["bytes"], cache=b["tensor"][0] == "kv")
 
 

@@ -263,3 +263,33 @@ def test_cpu_copies_within_ram_on_the_compute_stream_are_simulated():
     assert inline  # weights on the host: their loads to the device run on the compute stream
     pr = predict(cfg, g)
     assert pr.prefill_s > 0 and pr.decode_s > 0 and pr.busy_s["load"] == 0
+
+
+def test_a_copy_within_ram_run_inline_costs_its_dispatch_and_the_slice_a_store_writes():
+    m = CostModel({"inline_io_s": 3e-5, "host_memcpy_bw": 1e10, "device_is_host": 1.0}, "bfloat16", "cpu")
+    store = {"op": "store", "tensor": ("kv", 0, 0), "src": "device", "dst": "device", "bytes": 10**6,
+             "stream": "compute"}
+    assert m.io_s(store) == pytest.approx(3e-5 + 1e-4)
+    load = dict(store, op="load", tensor=("w", 1), src="host")  # the tensor is handed over: nothing copied
+    assert m.io_s(load) == pytest.approx(3e-5)
+    assert CostModel({"device_is_host": 1.0}, "bfloat16", "cpu").io_s(load) == 0.0  # uncalibrated: free
+    on_gpu = dict(load, stream="load")  # its own stream, over PCIe
+    assert CostModel(PROFILE, "float32", "cuda").io_s(on_gpu) == pytest.approx(10**6 / PROFILE["h2d_bw"])
+
+
+def test_calibration_fits_the_inline_copies_apart_from_the_time_between_ops():
+    from executors.trace import Event
+    from graphgen.perf.calibrate import between_squares, inline_io
+
+    cfg = compose(["model=opt-125m", "model.dtype=float32", "hardware.device=cpu", "policy.percent=[0,100,100,0,100,0]"])
+    g = run_pipeline(build_graph(build_spec(hf_config_from_arch(TINY)), batch=4, num_batches=1, prompt_len=16,
+                                 gen_len=4, dtype="float32"), cfg)
+    A, t, events = g.nodes, 0.0, []
+    for m in g.graph["ops"]:  # each inline copy 50 us, each square 1 ms, 10 us between ops
+        op = A[m].get("op", "compute")
+        d = 1e-3 if op == "compute" else 5e-5
+        events.append(Event(op, str(m), t, t + d, 0, {}))
+        t += d + 1e-5
+    run = {"graph": g, "events": events}
+    assert inline_io([run], 0.0) == pytest.approx(5e-5)
+    assert between_squares(run) == pytest.approx(1e-5)

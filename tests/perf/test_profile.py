@@ -266,3 +266,31 @@ def test_timing_runs_ahead_of_other_sessions_where_allowed(monkeypatch, tmp_path
     monkeypatch.setattr(probes.os, "nice", refused)
     monkeypatch.setattr("builtins.open", refused)
     assert probes.run_ahead(-15).startswith("normal priority")
+
+
+def test_probe_models_are_deep_enough_to_stream_their_weights_from_memory(tmp_path, monkeypatch):
+    from graphgen.config import compose
+    from graphgen.perf import calibrate
+
+    (tmp_path / "index0").mkdir()
+    (tmp_path / "index0" / "size").write_text("48K\n")
+    (tmp_path / "index3").mkdir()
+    (tmp_path / "index3" / "size").write_text("32768K\n")
+    assert calibrate.last_level_cache_bytes(str(tmp_path)) == 32 << 20
+    assert calibrate.last_level_cache_bytes(str(tmp_path / "none")) == 32 << 20  # unreadable: a typical L3
+    cfg = lambda m: compose([f"model={m}", "model.dtype=bfloat16"])  # noqa: E731
+    monkeypatch.setattr(calibrate, "last_level_cache_bytes", lambda: 32 << 20)
+    assert calibrate.probe_blocks(cfg("opt-125m")) == 10  # 14.2 MB a block: 10 blocks hold 4x 32 MB
+    assert calibrate.probe_blocks(cfg("opt-1.3b")) == 2  # 101 MB a block
+    monkeypatch.setattr(calibrate, "last_level_cache_bytes", lambda: 1 << 30)
+    assert calibrate.probe_blocks(cfg("opt-125m")) == 12  # never more blocks than the model has
+
+
+def test_calibration_measures_memory_bandwidth_again_keeping_the_median(monkeypatch):
+    from graphgen.perf import calibrate
+
+    tries = iter([1e9, 9e9, 10e9, 11e9, 10.5e9])  # a disturbed first try is outvoted
+    monkeypatch.setattr(calibrate.probes, "memory_profile",
+                        lambda dev, n, r: dict.fromkeys(("device_mem_bw", "host_mem_bw"), next(tries)))
+    got = calibrate.memory_now("cpu")
+    assert got == {"device_mem_bw": 10e9, "host_mem_bw": 10e9}
