@@ -14,7 +14,8 @@ weighted by its share of its run's time:
   square      = compute_overhead_s (+ attn_overhead_s for attention) + weight bytes / device_mm_bw
                 + prefill: matmul FLOPs / device_flops + attention FLOPs / device_bmm_flops
                 + decode (and the head, one row per sequence): matmul FLOPs / device_flops_decode
-                  + cache bytes / device_attn_bw | cpu_attn_bw
+                  (+ weight bytes / plain_weight_bw when they came from the host or disk tier: not
+                  prepacked, see CostModel.reorder_s) + cache bytes / device_attn_bw | cpu_attn_bw
   disk op     = disk_latency_s + bytes / disk_read_bw (reads)
                 disk_write_latency_s + bytes / disk_write_bw (writes: the cache's slices are buffered)
 plus compute_io_contention seconds per second of disk I/O the trace shows beside the square (on
@@ -63,7 +64,13 @@ RUNS: List[Tuple[str, List[str]]] = [
     # decode at the batch policy=auto tends to pick (fitted only up to gbs 16, the decode FLOP rate
     # priced a gbs-32 decode mlp of opt-1.3b at 4.1 s for a run against 2.9 s measured)
     ("opt-1.3b", DEV + ["policy.gpu_batch_size=32", "policy.num_gpu_batches=1", "workload.prompt_len=32"]),
+    # weights on the host tier: in RAM, but not prepacked (each decode matmul reorders them)
+    ("opt-1.3b", ["policy.percent=[0,100,100,0,100,0]", "policy.gpu_batch_size=8", "policy.num_gpu_batches=1",
+                  "workload.prompt_len=64"]),
+    # weights on disk: reads of 34-206 MB (opt-1.3b's layers and head) and of 5-9 MB (opt-125m's)
     ("opt-1.3b", ["policy.percent=[0,0,100,0,100,0]", "policy.gpu_batch_size=8", "policy.num_gpu_batches=1",
+                  "workload.prompt_len=64"]),
+    ("opt-125m", ["policy.percent=[0,0,100,0,100,0]", "policy.gpu_batch_size=16", "policy.num_gpu_batches=1",
                   "workload.prompt_len=64"]),
     ("opt-125m", ["policy.percent=[100,0,0,0,100,0]", "policy.cpu_attention=true", "policy.gpu_batch_size=16",
                   "policy.num_gpu_batches=2", "workload.prompt_len=256"]),
@@ -73,7 +80,7 @@ QUANTILE = 0.5  # of each group's durations: a run's time is the sum of its ops,
 # so the typical op predicts it (the 20th percentile, tried first, fits an undisturbed machine and
 # over-predicted throughput by ~10% on this shared one)
 COMPUTE_KEYS = ("compute_overhead_s", "attn_overhead_s", "device_flops", "device_bmm_flops", "device_mm_bw",
-                "device_flops_decode", "device_attn_bw", "cpu_attn_bw")
+                "device_flops_decode", "device_attn_bw", "cpu_attn_bw", "plain_weight_bw")
 
 
 def square_features(graph, a: dict) -> np.ndarray:
@@ -87,6 +94,8 @@ def square_features(graph, a: dict) -> np.ndarray:
     if mm:  # every matmul square streams its weights once; FLOPs at the prefill or decode rate
         f[4] = a.get("w_work_bytes", a["w_bytes"])
         f[5 if decode or a["kind"] == "head" else 2] = mm  # the head: one row per sequence
+        if (decode or a["kind"] == "head") and a.get("w_home", "device") != "device" and not a.get("w_compressed"):
+            f[8] = a["w_bytes"]  # weights loaded from the host or disk tier: not prepacked (CPU)
     if a["kind"] == "attn":
         if decode:
             f[7 if a.get("attn_device") == "host" else 6] = kv_slice_bytes(spec, sh, a["ctx"])
@@ -234,7 +243,8 @@ def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0) -> Tuple[Dict[str,
     out = {}
     names = {"device_flops": f"device_flops_{dtype}", "device_bmm_flops": f"device_bmm_flops_{dtype}",
              "device_mm_bw": f"device_mm_bw_{dtype}", "device_flops_decode": f"device_flops_decode_{dtype}",
-             "device_attn_bw": f"device_attn_bw_{dtype}", "cpu_attn_bw": f"cpu_attn_bw_{dtype}"}
+             "device_attn_bw": f"device_attn_bw_{dtype}", "cpu_attn_bw": f"cpu_attn_bw_{dtype}",
+             "plain_weight_bw": f"plain_weight_bw_{dtype}"}
     out["compute_io_contention"] = float(c[len(COMPUTE_KEYS)])  # seconds per second of disk I/O beside
     for key, v in zip(COMPUTE_KEYS, c):
         if key.endswith("_s"):

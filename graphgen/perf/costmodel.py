@@ -181,7 +181,18 @@ class CostModel:
         if bw and flops:
             w = a.get("w_work_bytes", a["w_bytes"]) / bw
             t = t + w if self.p.get("calibrated") else max(t, w)
-        return t
+        return t + self.reorder_s(flops, a)
+
+    def reorder_s(self, flops: float, a: dict) -> float:
+        """On a CPU, weights at home on the device are reordered once into oneDNN's blocked layout
+        (executors/packed.py prepack); dense weights loaded from the host or disk tier are not, and
+        each decode matmul on them pays a reorder: their bytes at plain_weight_bw_<dtype> (fitted by
+        graphgen.perf.calibrate; absent: free). Measured on opt-1.3b at GPU batch 8: a decode mlp
+        square took 2.65 ms with its weights on the host tier against 1.76 ms on the device tier."""
+        bw = self.p.get(f"plain_weight_bw_{self.dtype}")
+        if not (bw and flops and self.same_memory) or a.get("w_home", "device") == "device" or a.get("w_compressed"):
+            return 0.0
+        return a["w_bytes"] / bw
 
     @staticmethod
     def weights_read(flops: float, a: dict) -> float:

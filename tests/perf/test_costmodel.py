@@ -90,15 +90,29 @@ def test_host_attention_moves_no_cache_to_the_device():
 
 def test_calibration_regression_is_the_cost_models_pricing():
     """Every square's features . (1/rate, overhead) == the cost model's price with those constants."""
-    g, _ = tiny("[100,0,0,100,100,0]", cpu_attention=True)
-    coef = np.array([2e-5, 3e-5, 1 / 1e11, 1 / 5e10, 1 / 8e9, 1 / 3e10, 1 / 4e9, 1 / 2e9])
+    coef = np.array([2e-5, 3e-5, 1 / 1e11, 1 / 5e10, 1 / 8e9, 1 / 3e10, 1 / 4e9, 1 / 2e9, 1 / 6e9])
     rates = dict(zip(COMPUTE_KEYS, coef))
     prof = {"compute_overhead_s": rates["compute_overhead_s"], "attn_overhead_s": rates["attn_overhead_s"],
             "calibrated": 1.0, **{f"{k}_float32": 1 / rates[k] for k in COMPUTE_KEYS[2:]}}
     model = CostModel(prof, "float32", "cpu")
-    for n in squares(g):
-        a = g.nodes[n]
-        assert sum(square_parts(g, model, a).values()) == pytest.approx(square_features(g, a) @ coef)
+    for percent in ("[100,0,0,100,100,0]", "[0,100,0,100,100,0]"):  # weights on the device; on the host
+        g, _ = tiny(percent, cpu_attention=True)
+        for n in squares(g):
+            a = g.nodes[n]
+            assert sum(square_parts(g, model, a).values()) == pytest.approx(square_features(g, a) @ coef)
+
+
+def test_weights_not_prepacked_pay_a_reorder_in_each_decode_matmul():
+    """CPU: the device tier's dense weights are prepacked (executors/packed.py), the host's and the
+    disk's are not: their decode matmuls pay weight bytes at plain_weight_bw."""
+    g, _ = tiny("[0,100,0,100,100,0]")
+    host = _decode_square(g, "mlp")
+    dev = dict(host, w_home="device")
+    m = CostModel(dict(PROFILE, device_is_host=1.0, plain_weight_bw_float32=1e9), "float32", "cpu")
+    extra = m.compute_parts(host, 0.0)["matmul"] - m.compute_parts(dev, 0.0)["matmul"]
+    assert extra == pytest.approx(host["w_bytes"] / 1e9)
+    gpu = CostModel(dict(PROFILE, plain_weight_bw_float32=1e9), "float32", "cuda")  # separate memories: no such cost
+    assert gpu.compute_parts(host, 0.0) == gpu.compute_parts(dev, 0.0)
 
 
 def test_fit_recovers_known_constants():
