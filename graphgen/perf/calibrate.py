@@ -16,6 +16,7 @@ weighted by its share of its run's time:
                 + decode (and the head, one row per sequence): matmul FLOPs / device_flops_decode
                   (+ weight bytes / plain_weight_bw when they came from the host or disk tier: not
                   prepacked, see CostModel.reorder_s) + cache bytes / device_attn_bw | cpu_attn_bw
+                + prefill on such weights: matmul FLOPs / plain_flops (oneDNN's plain, unfused path)
   disk op     = disk_latency_s + bytes / disk_read_bw (reads)
                 disk_write_latency_s + bytes / disk_write_bw (writes: the cache's slices are buffered)
 plus compute_io_contention seconds per second of disk I/O the trace shows beside the square (on
@@ -80,7 +81,7 @@ QUANTILE = 0.5  # of each group's durations: a run's time is the sum of its ops,
 # so the typical op predicts it (the 20th percentile, tried first, fits an undisturbed machine and
 # over-predicted throughput by ~10% on this shared one)
 COMPUTE_KEYS = ("compute_overhead_s", "attn_overhead_s", "device_flops", "device_bmm_flops", "device_mm_bw",
-                "device_flops_decode", "device_attn_bw", "cpu_attn_bw", "plain_weight_bw")
+                "device_flops_decode", "device_attn_bw", "cpu_attn_bw", "plain_weight_bw", "plain_flops")
 
 
 def square_features(graph, a: dict) -> np.ndarray:
@@ -94,8 +95,11 @@ def square_features(graph, a: dict) -> np.ndarray:
     if mm:  # every matmul square streams its weights once; FLOPs at the prefill or decode rate
         f[4] = a.get("w_work_bytes", a["w_bytes"])
         f[5 if decode or a["kind"] == "head" else 2] = mm  # the head: one row per sequence
-        if (decode or a["kind"] == "head") and a.get("w_home", "device") != "device" and not a.get("w_compressed"):
-            f[8] = a["w_bytes"]  # weights loaded from the host or disk tier: not prepacked (CPU)
+        if a.get("w_home", "device") != "device" and not a.get("w_compressed"):  # not prepacked (CPU)
+            if decode or a["kind"] == "head":
+                f[8] = a["w_bytes"]  # reordered in each call
+            else:
+                f[9] = mm  # the plain, unfused kernels
     if a["kind"] == "attn":
         if decode:
             f[7 if a.get("attn_device") == "host" else 6] = kv_slice_bytes(spec, sh, a["ctx"])
@@ -244,7 +248,7 @@ def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0) -> Tuple[Dict[str,
     names = {"device_flops": f"device_flops_{dtype}", "device_bmm_flops": f"device_bmm_flops_{dtype}",
              "device_mm_bw": f"device_mm_bw_{dtype}", "device_flops_decode": f"device_flops_decode_{dtype}",
              "device_attn_bw": f"device_attn_bw_{dtype}", "cpu_attn_bw": f"cpu_attn_bw_{dtype}",
-             "plain_weight_bw": f"plain_weight_bw_{dtype}"}
+             "plain_weight_bw": f"plain_weight_bw_{dtype}", "plain_flops": f"plain_flops_{dtype}"}
     out["compute_io_contention"] = float(c[len(COMPUTE_KEYS)])  # seconds per second of disk I/O beside
     for key, v in zip(COMPUTE_KEYS, c):
         if key.endswith("_s"):

@@ -153,7 +153,8 @@ class CostModel:
             # the head only reads the last position: one row per sequence, priced like decode; a
             # fitted profile also streams every matmul square's weights once (small prompts)
             self.put(out, "matmul", self.decode_matmul_s(mm, a) if a["kind"] == "head" else
-                     mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a), self.weights_read(mm, a))
+                     mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a) + self.plain_prefill_s(mm, a),
+                     self.weights_read(mm, a))
             if attn_flops:
                 dense = kv_dense or a["kv_read"] + a["kv_write"]
                 self.put(out, "attention", attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}"),
@@ -183,6 +184,17 @@ class CostModel:
             t = t + w if self.p.get("calibrated") else max(t, w)
         return t + self.reorder_s(flops, a)
 
+    def plain_prefill_s(self, flops: float, a: dict) -> float:
+        """A prefill matmul on weights that are not prepacked (see reorder_s) runs oneDNN's plain
+        path, without the device tier's fused q/k/v and gate/up matrices: its FLOPs again at
+        plain_flops_<dtype> (fitted by graphgen.perf.calibrate; absent: free)."""
+        rate = self.p.get(f"plain_flops_{self.dtype}")
+        return flops / rate if rate and self.plain(flops, a) else 0.0
+
+    def plain(self, flops: float, a: dict) -> bool:
+        """Does this CPU matmul run on dense weights loaded from the host or disk tier (not prepacked)?"""
+        return bool(flops and self.same_memory and a.get("w_home", "device") != "device" and not a.get("w_compressed"))
+
     def reorder_s(self, flops: float, a: dict) -> float:
         """On a CPU, weights at home on the device are reordered once into oneDNN's blocked layout
         (executors/packed.py prepack); dense weights loaded from the host or disk tier are not, and
@@ -190,9 +202,7 @@ class CostModel:
         graphgen.perf.calibrate; absent: free). Measured on opt-1.3b at GPU batch 8: a decode mlp
         square took 2.65 ms with its weights on the host tier against 1.76 ms on the device tier."""
         bw = self.p.get(f"plain_weight_bw_{self.dtype}")
-        if not (bw and flops and self.same_memory) or a.get("w_home", "device") == "device" or a.get("w_compressed"):
-            return 0.0
-        return a["w_bytes"] / bw
+        return a["w_bytes"] / bw if bw and self.plain(flops, a) else 0.0
 
     @staticmethod
     def weights_read(flops: float, a: dict) -> float:

@@ -90,7 +90,7 @@ def test_host_attention_moves_no_cache_to_the_device():
 
 def test_calibration_regression_is_the_cost_models_pricing():
     """Every square's features . (1/rate, overhead) == the cost model's price with those constants."""
-    coef = np.array([2e-5, 3e-5, 1 / 1e11, 1 / 5e10, 1 / 8e9, 1 / 3e10, 1 / 4e9, 1 / 2e9, 1 / 6e9])
+    coef = np.array([2e-5, 3e-5, 1 / 1e11, 1 / 5e10, 1 / 8e9, 1 / 3e10, 1 / 4e9, 1 / 2e9, 1 / 6e9, 1 / 7e11])
     rates = dict(zip(COMPUTE_KEYS, coef))
     prof = {"compute_overhead_s": rates["compute_overhead_s"], "attn_overhead_s": rates["attn_overhead_s"],
             "calibrated": 1.0, **{f"{k}_float32": 1 / rates[k] for k in COMPUTE_KEYS[2:]}}
@@ -113,6 +113,10 @@ def test_weights_not_prepacked_pay_a_reorder_in_each_decode_matmul():
     assert extra == pytest.approx(host["w_bytes"] / 1e9)
     gpu = CostModel(dict(PROFILE, plain_weight_bw_float32=1e9), "float32", "cuda")  # separate memories: no such cost
     assert gpu.compute_parts(host, 0.0) == gpu.compute_parts(dev, 0.0)
+    pre = next(g.nodes[n] for n in squares(g) if g.nodes[n]["kind"] == "mlp" and g.nodes[n]["step_kind"] == "prefill")
+    m = CostModel(dict(PROFILE, device_is_host=1.0, plain_flops_float32=1e9, device_mem_bw=1e18), "float32", "cpu")
+    extra = m.compute_parts(pre, 0.0)["matmul"] - m.compute_parts(dict(pre, w_home="device"), 0.0)["matmul"]
+    assert extra == pytest.approx(pre["flops"] / 1e9)  # prefill: the plain kernels' FLOPs
 
 
 def test_fit_recovers_known_constants():
