@@ -192,6 +192,8 @@ def test_inconsistent_profiles_are_named():
     assert "compute_overhead_s = 31.00 ms" in checks.check_profile(dict(good, compute_overhead_s=0.031))[0]
     assert "device_mm_bw_bfloat16" in checks.check_profile(dict(good, device_mm_bw_bfloat16=3e10))[0]
     assert "not a positive number" in checks.check_profile(dict(good, disk_read_bw=float("nan")))[0]
+    assert "not a positive number" in checks.check_profile(dict(good, disk_read_bw=0.0))[0]
+    assert checks.check_profile(dict(good, disk_latency_s=0.0)) == []  # a fitted fixed cost the data did not need
 
 
 def test_an_inconsistent_measurement_is_measured_again_then_used_once_never_cached(cache_env, monkeypatch):
