@@ -23,7 +23,8 @@ plus compute_io_contention seconds per second of disk I/O the trace shows beside
 a small machine the I/O threads take cores from compute; the overlap is measured, so the fit stays
 linear), plus the executor's time between ops (compute stream wall time not inside any op),
 added to compute_overhead_s; a copy within RAM that the compute stream runs inline (CPU) costs
-inline_io_s (the median of those ops beyond the bytes a store writes at host_memcpy_bw). The fitted keys replace the microbenchmarks' in the cached profile of
+inline_io_s (the median of those ops beyond the bytes a store writes at host_memcpy_bw). The
+fitted keys replace the microbenchmarks' in the cached profile of
 hardware=auto (profile key calibrated = 1; meta['calibration'] lists the runs and the fit).
 """
 from __future__ import annotations

@@ -299,7 +299,8 @@ def test_calibration_fits_the_inline_copies_apart_from_the_time_between_ops():
     from executors.trace import Event
     from graphgen.perf.calibrate import between_squares, inline_io
 
-    cfg = compose(["model=opt-125m", "model.dtype=float32", "hardware.device=cpu", "policy.percent=[0,100,100,0,100,0]"])
+    cfg = compose(["model=opt-125m", "model.dtype=float32", "hardware.device=cpu",
+                   "policy.percent=[0,100,100,0,100,0]"])
     g = run_pipeline(build_graph(build_spec(hf_config_from_arch(TINY)), batch=4, num_batches=1, prompt_len=16,
                                  gen_len=4, dtype="float32"), cfg)
     A, t, events = g.nodes, 0.0, []

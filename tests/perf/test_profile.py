@@ -259,7 +259,8 @@ def test_timing_runs_ahead_of_other_sessions_where_allowed(monkeypatch, tmp_path
 
     real_open = open
     monkeypatch.setattr(probes.os, "nice", nice)
-    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(group if p == "/proc/self/autogroup" else p, *a, **k))
+    monkeypatch.setattr("builtins.open",
+                        lambda p, *a, **k: real_open(group if p == "/proc/self/autogroup" else p, *a, **k))
     assert probes.run_ahead(-15) == "nice -15, autogroup nice -15"
     assert nices == [-15] and group.read_text() == "-15"
 
