@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLM, compose, drop_page_cache, machine, prompts  # noqa: E402
 
 from graphgen.perf.costmodel import CostModel, square_parts  # noqa: E402
+from graphgen.perf.probes import run_ahead  # noqa: E402
 from graphgen.perf.simulate import hardware_profile, predict  # noqa: E402
 
 BASE = ["executor=async", "model.weights=dummy", "model.dtype=bfloat16", "report.progress=false",
@@ -213,15 +214,6 @@ def recalibrate() -> None:
     calibrate(verbose=False)
 
 
-def high_priority() -> str:
-    """Run ahead of other processes where allowed (root): a shared machine's load is noise here."""
-    try:
-        os.nice(-15)
-        return "nice -15"
-    except OSError:
-        return "normal priority"
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
@@ -232,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--calibrate", choices=("no", "once", "each"), default="once",
                     help="fit the profile to probe runs (python -m graphgen.perf.calibrate) first, or before each case")
     args = ap.parse_args(argv)
-    print(f"{machine()}; {high_priority()}")  # machine() has the load average: other agents share the cores
+    print(f"{machine()}; {run_ahead()}")  # machine() has the load average: other agents share the cores
     if args.calibrate == "once":
         recalibrate()
     profile = hardware_profile(compose(BASE))

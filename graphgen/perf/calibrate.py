@@ -3,27 +3,36 @@ FlexGen fitted its T4 constants to real runs (experimental/cost_model.py).
 
     python -m graphgen.perf.calibrate [--dtype bfloat16] [--offload-dir DIR]
 
-Runs small probe jobs with the async executor and a trace: two-block OPT-shaped models of two
-widths (768 and 2048), a few GPU batch sizes and prompt lengths, in memory, with weights on disk,
-and with the KV cache on disk under CPU attention. Each op kind's duration is then fitted by
+Runs small probe jobs with the async executor and a trace: OPT-shaped models of two widths (768
+and 2048) with a few decoder blocks (at least two, and enough that their weights are 4x the
+last-level cache: a real model's weights stream from memory, never from the cache), a few GPU
+batch sizes and prompt lengths, in memory, with weights on disk, and with the KV cache on disk
+under CPU attention; device_mem_bw and host_mem_bw are measured again just before. Each op
+kind's duration is then fitted by
 non-negative least squares on relative error, over the median of ops of equal shape, each shape
 weighted by its share of its run's time:
   square      = compute_overhead_s (+ attn_overhead_s for attention) + weight bytes / device_mm_bw
                 + prefill: matmul FLOPs / device_flops + attention FLOPs / device_bmm_flops
                 + decode (and the head, one row per sequence): matmul FLOPs / device_flops_decode
-                  + cache bytes / device_attn_bw | cpu_attn_bw
+                  (+ weight bytes / plain_weight_bw when they came from the host or disk tier: not
+                  prepacked, see CostModel.reorder_s) + cache bytes / device_attn_bw | cpu_attn_bw
+                + prefill on such weights: matmul FLOPs / plain_flops (oneDNN's plain, unfused path)
   disk op     = disk_latency_s + bytes / disk_read_bw (reads)
                 disk_write_latency_s + bytes / disk_write_bw (writes: the cache's slices are buffered)
 plus compute_io_contention seconds per second of disk I/O the trace shows beside the square (on
 a small machine the I/O threads take cores from compute; the overlap is measured, so the fit stays
-linear), plus the executor's time between squares (compute stream wall time not inside any op),
-added to compute_overhead_s. The fitted keys replace the microbenchmarks' in the cached profile of
+linear), plus the executor's time between ops (compute stream wall time not inside any op),
+added to compute_overhead_s; a copy within RAM that the compute stream runs inline (CPU) costs
+inline_io_s (the median of those ops beyond the bytes a store writes at host_memcpy_bw). The
+fitted keys replace the microbenchmarks' in the cached profile of
 hardware=auto (profile key calibrated = 1; meta['calibration'] lists the runs and the fit).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -36,14 +45,18 @@ import torch
 from scipy.optimize import nnls
 
 from ..api import LLM
+from ..compile import spec_for
 from ..config import compose
 from ..costs import kv_slice_bytes
-from . import checks, profile as hp
+from . import checks, probes, profile as hp
 from .costmodel import attention_flops
+from .probes import run_ahead
 
-# probe jobs: (model conf, overrides); two decoder blocks keep dummy weights and runs short
-PROBE = ["model.arch.num_hidden_layers=2", "model.weights=dummy", "executor=async", "report.progress=false",
+# probe jobs: (model conf, overrides); few decoder blocks keep dummy weights and runs short
+PROBE = ["model.weights=dummy", "executor=async", "report.progress=false",
          "hardware.device_mem=16GB", "hardware.host_mem=16GB", "hardware.disk_mem=40GB", "workload.gen_len=8"]
+MIN_BLOCKS = 2
+CACHE_MULTIPLE = 4  # a probe's decoder blocks hold at least this many times the last-level cache in weights
 DEV = ["policy=all-device"]
 RUNS: List[Tuple[str, List[str]]] = [
     ("opt-125m", DEV + ["policy.gpu_batch_size=4", "policy.num_gpu_batches=2", "workload.prompt_len=64"]),
@@ -53,7 +66,13 @@ RUNS: List[Tuple[str, List[str]]] = [
     # decode at the batch policy=auto tends to pick (fitted only up to gbs 16, the decode FLOP rate
     # priced a gbs-32 decode mlp of opt-1.3b at 4.1 s for a run against 2.9 s measured)
     ("opt-1.3b", DEV + ["policy.gpu_batch_size=32", "policy.num_gpu_batches=1", "workload.prompt_len=32"]),
+    # weights on the host tier: in RAM, but not prepacked (each decode matmul reorders them)
+    ("opt-1.3b", ["policy.percent=[0,100,100,0,100,0]", "policy.gpu_batch_size=8", "policy.num_gpu_batches=1",
+                  "workload.prompt_len=64"]),
+    # weights on disk: reads of 34-206 MB (opt-1.3b's layers and head) and of 5-9 MB (opt-125m's)
     ("opt-1.3b", ["policy.percent=[0,0,100,0,100,0]", "policy.gpu_batch_size=8", "policy.num_gpu_batches=1",
+                  "workload.prompt_len=64"]),
+    ("opt-125m", ["policy.percent=[0,0,100,0,100,0]", "policy.gpu_batch_size=16", "policy.num_gpu_batches=1",
                   "workload.prompt_len=64"]),
     ("opt-125m", ["policy.percent=[100,0,0,0,100,0]", "policy.cpu_attention=true", "policy.gpu_batch_size=16",
                   "policy.num_gpu_batches=2", "workload.prompt_len=256"]),
@@ -63,7 +82,7 @@ QUANTILE = 0.5  # of each group's durations: a run's time is the sum of its ops,
 # so the typical op predicts it (the 20th percentile, tried first, fits an undisturbed machine and
 # over-predicted throughput by ~10% on this shared one)
 COMPUTE_KEYS = ("compute_overhead_s", "attn_overhead_s", "device_flops", "device_bmm_flops", "device_mm_bw",
-                "device_flops_decode", "device_attn_bw", "cpu_attn_bw")
+                "device_flops_decode", "device_attn_bw", "cpu_attn_bw", "plain_weight_bw", "plain_flops")
 
 
 def square_features(graph, a: dict) -> np.ndarray:
@@ -77,6 +96,11 @@ def square_features(graph, a: dict) -> np.ndarray:
     if mm:  # every matmul square streams its weights once; FLOPs at the prefill or decode rate
         f[4] = a.get("w_work_bytes", a["w_bytes"])
         f[5 if decode or a["kind"] == "head" else 2] = mm  # the head: one row per sequence
+        if a.get("w_home", "device") != "device" and not a.get("w_compressed"):  # not prepacked (CPU)
+            if decode or a["kind"] == "head":
+                f[8] = a["w_bytes"]  # reordered in each call
+            else:
+                f[9] = mm  # the plain, unfused kernels
     if a["kind"] == "attn":
         if decode:
             f[7 if a.get("attn_device") == "host" else 6] = kv_slice_bytes(spec, sh, a["ctx"])
@@ -89,6 +113,7 @@ def probe(model: str, overrides: Sequence[str], dtype: str, offload_dir: Optiona
     """One traced run (after a 2-token warm-up): its graph, events and stats."""
     ov = [f"model={model}", f"model.dtype={dtype}"] + PROBE + list(overrides)
     ov += [f"hardware.offload_dir={offload_dir}"] if offload_dir else []
+    ov += [f"model.arch.num_hidden_layers={probe_blocks(compose(ov))}"]
     cfg = compose(ov + ["executor.trace=true"])
     w, p = cfg.workload, cfg.policy
     ids = torch.randint(4, 1000, (p.gpu_batch_size * p.num_gpu_batches, w.prompt_len),
@@ -100,6 +125,32 @@ def probe(model: str, overrides: Sequence[str], dtype: str, offload_dir: Optiona
             llm.generate(ids, max_new_tokens=w.gen_len)
         return {"graph": llm.graph, "events": llm.executor.trace.events[n0:], "stats": dict(llm.last_stats),
                 "name": f"{model} {' '.join(overrides)}"}
+
+
+def probe_blocks(cfg) -> int:
+    """Decoder blocks of a probe model: enough that their weights stream from memory as a real
+    model's do. Two blocks of opt-125m (28 MB) stay largely in a 32 MB L3 between decode steps
+    and priced every opt-125m-sized square ~10% fast; a deep model's layers never fit."""
+    spec = spec_for(cfg)
+    block = sum(l.numel for l in spec.layers if l.block == 0) * torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8
+    need = math.ceil(CACHE_MULTIPLE * last_level_cache_bytes() / max(block, 1))
+    return min(cfg.model.arch["num_hidden_layers"], max(MIN_BLOCKS, need))
+
+
+def last_level_cache_bytes(cpu: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """Size of the CPU's largest cache (Linux sysfs); 32 MiB where it cannot be read."""
+    sizes = []
+    for index in glob.glob(os.path.join(cpu, "index*")):
+        try:
+            with open(os.path.join(index, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        digits = text.rstrip("KkMmGgBb")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=32 << 20)
 
 
 def disk_overlap(events) -> Dict[int, float]:
@@ -150,14 +201,37 @@ def fit_relative(X: np.ndarray, y: np.ndarray, weight: Optional[np.ndarray] = No
     return coef
 
 
+def on_compute_thread(run: Dict) -> List:
+    """The events the compute stream ran: squares, and copies within RAM run inline (CPU)."""
+    A = run["graph"].nodes
+    inline = {str(n) for n, a in A(data=True) if a.get("op") in ("load", "store") and a.get("stream") == "compute"}
+    return [e for e in run["events"] if e.stream == "compute" or e.name in inline]
+
+
 def between_squares(run: Dict) -> float:
-    """Seconds per square the compute stream spends outside ops (dispatch, waits), in-memory runs."""
-    comp = sorted((e.start, e.end) for e in run["events"] if e.stream == "compute")
+    """Seconds per op the compute stream spends outside ops (dispatch, waits), in-memory runs."""
+    comp = sorted((e.start, e.end) for e in on_compute_thread(run))
     gaps = [b[0] - a[1] for a, b in zip(comp, comp[1:]) if b[0] > a[1]]
     return statistics.median(gaps) if gaps else 0.0
 
 
-def fit(runs: List[Dict], dtype: str) -> Tuple[Dict[str, float], Dict]:
+def inline_io(runs: List[Dict], memcpy_bw: float) -> float:
+    """inline_io_s: the median seconds of a copy within RAM run inline on the compute stream
+    beyond the slice a store writes at memcpy_bw (graphgen.perf.costmodel CostModel.io_s)."""
+    extra = []
+    for r in runs:
+        A = {str(n): a for n, a in r["graph"].nodes(data=True)}
+        for e in on_compute_thread(r):
+            a = A[e.name]
+            if e.stream != "compute":
+                copied = a["bytes"] if a["op"] == "store" and memcpy_bw else 0
+                extra.append(e.end - e.start - copied / (memcpy_bw or 1.0))
+    return max(0.0, statistics.median(extra)) if extra else 0.0
+
+
+def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0) -> Tuple[Dict[str, float], Dict]:
+    """The calibrated keys from traced runs (memcpy_bw: the profile's host_memcpy_bw, which
+    prices the bytes of the inline copies)."""
     X, y, share, reads, writes, gaps = [], [], [], [], [], []
     for r in runs:
         f, t, n, d = groups(r)
@@ -174,7 +248,8 @@ def fit(runs: List[Dict], dtype: str) -> Tuple[Dict[str, float], Dict]:
     out = {}
     names = {"device_flops": f"device_flops_{dtype}", "device_bmm_flops": f"device_bmm_flops_{dtype}",
              "device_mm_bw": f"device_mm_bw_{dtype}", "device_flops_decode": f"device_flops_decode_{dtype}",
-             "device_attn_bw": f"device_attn_bw_{dtype}", "cpu_attn_bw": f"cpu_attn_bw_{dtype}"}
+             "device_attn_bw": f"device_attn_bw_{dtype}", "cpu_attn_bw": f"cpu_attn_bw_{dtype}",
+             "plain_weight_bw": f"plain_weight_bw_{dtype}", "plain_flops": f"plain_flops_{dtype}"}
     out["compute_io_contention"] = float(c[len(COMPUTE_KEYS)])  # seconds per second of disk I/O beside
     for key, v in zip(COMPUTE_KEYS, c):
         if key.endswith("_s"):
@@ -183,6 +258,7 @@ def fit(runs: List[Dict], dtype: str) -> Tuple[Dict[str, float], Dict]:
             out[names[key]] = float(1 / v) if v > 1e-18 else 1e18
     gap = statistics.median(gaps) if gaps else 0.0
     out["compute_overhead_s"] += gap
+    out["inline_io_s"] = inline_io(runs, memcpy_bw)
     for direction, pts in (("read", reads), ("write", writes)):
         if len(pts) >= 2:
             b = np.array([[1.0, n] for n, _ in pts])
@@ -196,17 +272,29 @@ def fit(runs: List[Dict], dtype: str) -> Tuple[Dict[str, float], Dict]:
     return out, quality
 
 
+def memory_now(device: str = "cpu") -> Dict[str, float]:
+    """device_mem_bw and host_mem_bw measured again (median of checks.TRIES tries, more while they
+    disagree): a figure cached under another load would bound the fitted squares by a stale floor
+    (one measured at load average 12 priced a decode step memory-bound at 8.2 GB/s, while the run
+    streamed its weights at 12 GB/s)."""
+    dev = torch.device(device)
+    measure = lambda: probes.memory_profile(dev, 256 << 20, 5)  # noqa: E731
+    return checks.median(checks.settle([measure() for _ in range(checks.TRIES)], measure))
+
+
 def calibrate(dtype: str = "bfloat16", offload_dir: Optional[str] = None, device: str = "cpu",
               verbose: bool = True) -> Dict[str, float]:
     """Run the probes, fit, and store the fitted keys in the cached hardware profile."""
     record = hp.load_or_measure_record(device, offload_dir)
+    fitted = memory_now(device)  # the floor of every compute part, measured beside the probes it bounds
     runs = []
     for model, ov in RUNS:
         runs.append(probe(model, ov, dtype, offload_dir))
         if verbose:
             st = runs[-1]["stats"]
             print(f"  probe {runs[-1]['name']}: {st['total_tok_s']:.1f} tok/s", flush=True)
-    fitted, quality = fit(runs, dtype)
+    keys, quality = fit(runs, dtype, record["profile"].get("host_memcpy_bw", 0.0))
+    fitted.update(keys)
     record["profile"].update(fitted, calibrated=1.0)
     record["meta"]["calibration"] = {"runs": [r["name"] for r in runs], "fit": quality, "dtype": dtype}
     problems = checks.check_profile(record["profile"])
@@ -232,13 +320,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m graphgen.perf.calibrate", description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype to calibrate (bfloat16 | float32)")
     ap.add_argument("--offload-dir", default=None, help="disk tier directory (default: the profile's)")
-    ap.add_argument("--nice", type=int, default=-15, help="scheduling priority while probing (root: "
-                    "negative runs ahead of other processes, whose load would be fitted as noise)")
+    ap.add_argument("--nice", type=int, default=-15, help="scheduling priority while probing, of this process "
+                    "and its session's autogroup (root: negative runs ahead of other processes, whose load "
+                    "would be fitted as noise)")
     args = ap.parse_args(argv)
-    try:
-        os.nice(args.nice)
-    except OSError:
-        pass
+    print(f"graphgen: calibrating at {run_ahead(args.nice)}", file=sys.stderr)
     calibrate(args.dtype, args.offload_dir)
 
 

@@ -153,7 +153,8 @@ class CostModel:
             # the head only reads the last position: one row per sequence, priced like decode; a
             # fitted profile also streams every matmul square's weights once (small prompts)
             self.put(out, "matmul", self.decode_matmul_s(mm, a) if a["kind"] == "head" else
-                     mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a), self.weights_read(mm, a))
+                     mm / self.rate(f"device_flops_{dt}") + self.streamed_s(mm, a) + self.plain_prefill_s(mm, a),
+                     self.weights_read(mm, a))
             if attn_flops:
                 dense = kv_dense or a["kv_read"] + a["kv_write"]
                 self.put(out, "attention", attn_flops / self.rate(f"device_bmm_flops_{dt}", f"device_flops_{dt}"),
@@ -181,7 +182,27 @@ class CostModel:
         if bw and flops:
             w = a.get("w_work_bytes", a["w_bytes"]) / bw
             t = t + w if self.p.get("calibrated") else max(t, w)
-        return t
+        return t + self.reorder_s(flops, a)
+
+    def plain_prefill_s(self, flops: float, a: dict) -> float:
+        """A prefill matmul on weights that are not prepacked (see reorder_s) runs oneDNN's plain
+        path, without the device tier's fused q/k/v and gate/up matrices: its FLOPs again at
+        plain_flops_<dtype> (fitted by graphgen.perf.calibrate; absent: free)."""
+        rate = self.p.get(f"plain_flops_{self.dtype}")
+        return flops / rate if rate and self.plain(flops, a) else 0.0
+
+    def plain(self, flops: float, a: dict) -> bool:
+        """Does this CPU matmul run on dense weights loaded from the host or disk tier (not prepacked)?"""
+        return bool(flops and self.same_memory and a.get("w_home", "device") != "device" and not a.get("w_compressed"))
+
+    def reorder_s(self, flops: float, a: dict) -> float:
+        """On a CPU, weights at home on the device are reordered once into oneDNN's blocked layout
+        (executors/packed.py prepack); dense weights loaded from the host or disk tier are not, and
+        each decode matmul on them pays a reorder: their bytes at plain_weight_bw_<dtype> (fitted by
+        graphgen.perf.calibrate; absent: free). Measured on opt-1.3b at GPU batch 8: a decode mlp
+        square took 2.65 ms with its weights on the host tier against 1.76 ms on the device tier."""
+        bw = self.p.get(f"plain_weight_bw_{self.dtype}")
+        return a["w_bytes"] / bw if bw and self.plain(flops, a) else 0.0
 
     @staticmethod
     def weights_read(flops: float, a: dict) -> float:
@@ -236,7 +257,13 @@ class CostModel:
 
     def io_s(self, b: dict) -> float:
         """A load or store op: its link (compressed weights move compressed; the square that uses
-        them first dequantises them, see compute_parts)."""
+        them first dequantises them, see compute_parts). A copy within RAM run inline on the
+        compute stream (CPU: passes/insert_io.py) costs its dispatch (inline_io_s, when calibrated)
+        and, for a store, the slice it writes at host_memcpy_bw; a load there hands over the
+        tensor it finds, copying nothing."""
+        if b.get("stream") == "compute":
+            copied = b["bytes"] if b["op"] == "store" and self.opt("host_memcpy_bw") else 0
+            return self.opt("inline_io_s") + copied / self.opt("host_memcpy_bw", 1.0)
         return self.link_s(b["src"], b["dst"], b["bytes"], cache=b["tensor"][0] == "kv")
 
 

@@ -53,6 +53,31 @@ IO_BLOCK = 4 << 20  # bytes per request: large, page-aligned (O_DIRECT needs ali
 # ---------------------------------------------------------------- timing
 
 
+def run_ahead(nice: int = -15) -> str:
+    """Raise this process's scheduling priority for timing (where allowed: root), and say what it got.
+
+    With autogroup scheduling (Linux's default for desktop and VM kernels: /proc/sys/kernel/
+    sched_autogroup_enabled) a process's nice value only ranks it within its session's group; each
+    session gets an equal share of the cores whatever its processes' nice values, so `nice` alone
+    leaves a timing run sharing the cores with every other session. The group's own nice
+    (/proc/self/autogroup, as `renice -g`) ranks the session against the others: measured on this
+    2-core VM beside two busy sessions, the calibration probes ran 3-8x faster with it."""
+    got = []
+    try:
+        os.nice(nice - os.nice(0))
+        got.append(f"nice {os.nice(0)}")
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+        got.append(f"autogroup nice {nice}")
+    except OSError:
+        pass
+    return ", ".join(got) or "normal priority (raising it needs root)"
+
+
+
 def _sync_fn(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)

@@ -80,6 +80,13 @@ PROFILE_KEYS: Dict[str, str] = {
     "attn_overhead_s": "optional, fitted by graphgen.perf.calibrate: what an attention square costs beyond "
                        "compute_overhead_s and its FLOPs and bytes (s)",
     "calibrated": "optional: 1 when graphgen.perf.calibrate fitted the executor-level keys to traced runs (flag)",
+    "plain_weight_bw_<dtype>": "optional, fitted by graphgen.perf.calibrate: CPU, bytes/s of the reorder a decode "
+                               "matmul pays on dense weights loaded from the host or disk tier (not prepacked "
+                               "into oneDNN's layout as the device tier's are) (bytes/s)",
+    "plain_flops_<dtype>": "optional, fitted by graphgen.perf.calibrate: CPU, the extra FLOP rate a prefill matmul "
+                           "on weights that are not prepacked pays (oneDNN's plain, unfused path) (FLOP/s)",
+    "inline_io_s": "optional, fitted by graphgen.perf.calibrate: seconds of a load or store within RAM run "
+                   "inline on the compute stream (CPU), beyond the slice a store writes at host_memcpy_bw (s)",
     "compute_io_contention": "optional, fitted by graphgen.perf.calibrate: seconds a compute square runs longer "
                              "per second of disk I/O beside it (I/O threads taking cores from compute) (s/s)",
     # optional refinements, present in published profiles only; consumers fall back to the key in ()

@@ -90,15 +90,33 @@ def test_host_attention_moves_no_cache_to_the_device():
 
 def test_calibration_regression_is_the_cost_models_pricing():
     """Every square's features . (1/rate, overhead) == the cost model's price with those constants."""
-    g, _ = tiny("[100,0,0,100,100,0]", cpu_attention=True)
-    coef = np.array([2e-5, 3e-5, 1 / 1e11, 1 / 5e10, 1 / 8e9, 1 / 3e10, 1 / 4e9, 1 / 2e9])
+    coef = np.array([2e-5, 3e-5, 1 / 1e11, 1 / 5e10, 1 / 8e9, 1 / 3e10, 1 / 4e9, 1 / 2e9, 1 / 6e9, 1 / 7e11])
     rates = dict(zip(COMPUTE_KEYS, coef))
     prof = {"compute_overhead_s": rates["compute_overhead_s"], "attn_overhead_s": rates["attn_overhead_s"],
             "calibrated": 1.0, **{f"{k}_float32": 1 / rates[k] for k in COMPUTE_KEYS[2:]}}
     model = CostModel(prof, "float32", "cpu")
-    for n in squares(g):
-        a = g.nodes[n]
-        assert sum(square_parts(g, model, a).values()) == pytest.approx(square_features(g, a) @ coef)
+    for percent in ("[100,0,0,100,100,0]", "[0,100,0,100,100,0]"):  # weights on the device; on the host
+        g, _ = tiny(percent, cpu_attention=True)
+        for n in squares(g):
+            a = g.nodes[n]
+            assert sum(square_parts(g, model, a).values()) == pytest.approx(square_features(g, a) @ coef)
+
+
+def test_weights_not_prepacked_pay_a_reorder_in_each_decode_matmul():
+    """CPU: the device tier's dense weights are prepacked (executors/packed.py), the host's and the
+    disk's are not: their decode matmuls pay weight bytes at plain_weight_bw."""
+    g, _ = tiny("[0,100,0,100,100,0]")
+    host = _decode_square(g, "mlp")
+    dev = dict(host, w_home="device")
+    m = CostModel(dict(PROFILE, device_is_host=1.0, plain_weight_bw_float32=1e9), "float32", "cpu")
+    extra = m.compute_parts(host, 0.0)["matmul"] - m.compute_parts(dev, 0.0)["matmul"]
+    assert extra == pytest.approx(host["w_bytes"] / 1e9)
+    gpu = CostModel(dict(PROFILE, plain_weight_bw_float32=1e9), "float32", "cuda")  # separate memories: no such cost
+    assert gpu.compute_parts(host, 0.0) == gpu.compute_parts(dev, 0.0)
+    pre = next(g.nodes[n] for n in squares(g) if g.nodes[n]["kind"] == "mlp" and g.nodes[n]["step_kind"] == "prefill")
+    m = CostModel(dict(PROFILE, device_is_host=1.0, plain_flops_float32=1e9, device_mem_bw=1e18), "float32", "cpu")
+    extra = m.compute_parts(pre, 0.0)["matmul"] - m.compute_parts(dict(pre, w_home="device"), 0.0)["matmul"]
+    assert extra == pytest.approx(pre["flops"] / 1e9)  # prefill: the plain kernels' FLOPs
 
 
 def test_fit_recovers_known_constants():
@@ -247,3 +265,50 @@ def test_kv_cache_reads_from_disk_have_their_own_rate():
     assert m.link_s("disk", "host", 4 * 10**9, cache=True) == pytest.approx(1.0)
     assert m.link_s("disk", "host", 4 * 10**9) == pytest.approx(4.0)
     assert CostModel({"disk_read_bw": 1e9}, "bfloat16", "cpu").link_s("disk", "host", 10**9, cache=True) == 1.0
+
+
+def test_cpu_copies_within_ram_on_the_compute_stream_are_simulated():
+    """On a CPU (hardware.device=cpu) insert_io runs loads and stores within RAM inline on the compute
+    stream: the simulator charges their time to their square's step kind."""
+    cfg = compose(["model=opt-125m", "model.dtype=float32", "executor=async", "hardware.device=cpu",
+                   "policy.percent=[0,100,100,0,100,0]"])
+    cfg.hardware.profile = dict(PROFILE, device_is_host=1.0)
+    g = build_graph(build_spec(hf_config_from_arch(TINY)), batch=4, num_batches=2, prompt_len=16, gen_len=4,
+                    dtype="float32")
+    g = run_pipeline(g, cfg)
+    inline = [m for m in g.graph["ops"] if g.nodes[m].get("op") in ("load", "store")
+              and g.nodes[m].get("stream") == "compute"]
+    assert inline  # weights on the host: their loads to the device run on the compute stream
+    pr = predict(cfg, g)
+    assert pr.prefill_s > 0 and pr.decode_s > 0 and pr.busy_s["load"] == 0
+
+
+def test_a_copy_within_ram_run_inline_costs_its_dispatch_and_the_slice_a_store_writes():
+    m = CostModel({"inline_io_s": 3e-5, "host_memcpy_bw": 1e10, "device_is_host": 1.0}, "bfloat16", "cpu")
+    store = {"op": "store", "tensor": ("kv", 0, 0), "src": "device", "dst": "device", "bytes": 10**6,
+             "stream": "compute"}
+    assert m.io_s(store) == pytest.approx(3e-5 + 1e-4)
+    load = dict(store, op="load", tensor=("w", 1), src="host")  # the tensor is handed over: nothing copied
+    assert m.io_s(load) == pytest.approx(3e-5)
+    assert CostModel({"device_is_host": 1.0}, "bfloat16", "cpu").io_s(load) == 0.0  # uncalibrated: free
+    on_gpu = dict(load, stream="load")  # its own stream, over PCIe
+    assert CostModel(PROFILE, "float32", "cuda").io_s(on_gpu) == pytest.approx(10**6 / PROFILE["h2d_bw"])
+
+
+def test_calibration_fits_the_inline_copies_apart_from_the_time_between_ops():
+    from executors.trace import Event
+    from graphgen.perf.calibrate import between_squares, inline_io
+
+    cfg = compose(["model=opt-125m", "model.dtype=float32", "hardware.device=cpu",
+                   "policy.percent=[0,100,100,0,100,0]"])
+    g = run_pipeline(build_graph(build_spec(hf_config_from_arch(TINY)), batch=4, num_batches=1, prompt_len=16,
+                                 gen_len=4, dtype="float32"), cfg)
+    A, t, events = g.nodes, 0.0, []
+    for m in g.graph["ops"]:  # each inline copy 50 us, each square 1 ms, 10 us between ops
+        op = A[m].get("op", "compute")
+        d = 1e-3 if op == "compute" else 5e-5
+        events.append(Event(op, str(m), t, t + d, 0, {}))
+        t += d + 1e-5
+    run = {"graph": g, "events": events}
+    assert inline_io([run], 0.0) == pytest.approx(5e-5)
+    assert between_squares(run) == pytest.approx(1e-5)
