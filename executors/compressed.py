@@ -52,12 +52,14 @@ def quantize_layer(layer, source, comp: Comp, dtype: torch.dtype, device: torch.
     """A layer's weights, on the CPU, for its home tier: matrices as the checkpoint stores them when
     it holds them in exactly this compression (a GGUF's Q4_1), else quantised (from float32, on
     the compute `device`, fast on a GPU); the rest dense in `dtype`. kernel: in the format of the
-    packed CPU kernels (executors/packed.py) instead of graphgen's group-wise one."""
+    packed CPU kernels (executors/packed.py) instead of graphgen's group-wise one (from the
+    checkpoint's stored parts where it holds them)."""
     bits, gs, gd = comp
     out: Dict[str, torch.Tensor] = {}
     for w in layer.weights:
         if is_compressed(w) and kernel:
-            out.update(packed.pack(layer, w, source.get(w, torch.float32), comp))
+            stored = source.stored(w, comp) if comp == layer.stored else None
+            out.update(packed.pack(layer, w, None if stored else source.get(w, torch.float32), comp, stored))
         elif is_compressed(w):
             stored = source.stored(w, comp)
             if stored is None:

@@ -35,24 +35,39 @@ INT8_KERNEL_ROWS = 32  # above: dequantise + GEMM (measured: int8 kernel 3.0 ms 
 packable = kernel_packable  # the compress pass decides with the same rule (w_packed)
 
 
-def pack(layer, w, x: torch.Tensor, comp) -> Dict[str, torch.Tensor]:
-    """A float32 matrix [N, K] -> its stored parts {name@part: tensor}."""
+def pack(layer, w, x: Optional[torch.Tensor], comp, stored: Optional[Dict[str, torch.Tensor]] = None
+         ) -> Dict[str, torch.Tensor]:
+    """A float32 matrix [N, K], or the parts {data, mins, scales} a checkpoint stores it in exactly
+    (`stored`, graphgen's group-wise layout: a GGUF's Q4_0 / Q4_1 / Q8_0), -> its stored parts {name@part: tensor}."""
     bits, gs, gd = comp
-    if layer.kind == "embed":  # graphgen's format; rows are dequantised where looked up
-        q = quantize(x, bits, gs, gd)
-        return {f"{w.name}@data": q.data, f"{w.name}@mins": q.mins, f"{w.name}@scales": q.scales}
-    if bits == 8:
+    if bits == 8 and stored is None and layer.kind != "embed":  # per-channel symmetric int8
         scale = (x.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         scale = _round_up(scale, torch.bfloat16)
         codes = (x / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return {f"{w.name}@int8": codes, f"{w.name}@scale": scale}
-    q = quantize(x, 4, gs, gd)  # data [N, K/G, G/2], mins / scales [N, K/G, 1]
-    N, K = x.shape
-    codes = _unpack(q.data, 1, 4).reshape(N, K).to(torch.int32)
-    scale, mn = q.scales.float()[..., 0], q.mins.float()[..., 0]  # [N, K/G]
-    sz = torch.stack([scale, mn + 8 * scale], -1).transpose(0, 1).contiguous()  # [K/G, N, 2]
-    return {f"{w.name}@int4": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
-            f"{w.name}@sz": sz.to(torch.bfloat16)}
+    if stored is not None:
+        q = QTensor(stored["data"], stored["mins"], stored["scales"], tuple(w.shape), torch.float32, bits, gs, 1)
+    else:
+        q = quantize(x, bits, gs, gd)  # data [N, K/G, G*bits/8], mins / scales [N, K/G, 1]
+    if layer.kind == "embed":  # graphgen's format; rows are dequantised where looked up
+        return {f"{w.name}@data": q.data, f"{w.name}@mins": q.mins, f"{w.name}@scales": q.scales}
+    d, mn = q.scales.float()[..., 0], q.mins.float()[..., 0]  # [N, K/G]: value = mn + d * code
+    if bits == 8:  # a checkpoint's codes c = 16 hi + lo: two int4 halves side by side, [N, 2K]
+        return {f"{w.name}@int4x2": _int4pack(torch.cat([q.data >> 4, q.data & 15], 1)),
+                f"{w.name}@sz": torch.cat([_scales_zeros(16 * d, mn + 128 * d), _scales_zeros(d, 8 * d)], 0)}
+    return {f"{w.name}@int4": _int4pack(_unpack(q.data, 1, 4)), f"{w.name}@sz": _scales_zeros(d, mn + 8 * d)}
+
+
+def _int4pack(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [N, ng, G] (groups along the input dim) -> the int4 kernel's packed weight."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.reshape(codes.shape[0], -1).to(torch.int32), 1)
+
+
+def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[N, K/G] float32 -> the kernel's scales_and_zeros [K/G, N, 2] in bf16 (rounded once); the
+    kernel computes value = (code - 8) * scale + zero, so graphgen's min + scale * code has
+    zero = min + 8 * scale, and an 8-bit code's high nibble (x16) carries the min, its low one none."""
+    return torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
 def prepack(layer, value: Dict[str, torch.Tensor], batch: int, groups=()) -> Dict[str, torch.Tensor]:
@@ -97,6 +112,9 @@ def wrap(layer, value: Dict[str, torch.Tensor], comp, dtype: torch.dtype) -> Dic
             out[w.name] = value[w.name]
         elif f"{w.name}@int4" in value:
             out[w.name] = PackedWeight("int4", w.shape, dtype, value[f"{w.name}@int4"], value[f"{w.name}@sz"], comp[1])
+        elif f"{w.name}@int4x2" in value:
+            out[w.name] = PackedWeight("int4x2", w.shape, dtype, value[f"{w.name}@int4x2"], value[f"{w.name}@sz"],
+                                       comp[1])
         elif f"{w.name}@int8" in value:
             out[w.name] = PackedWeight("int8", w.shape, dtype, value[f"{w.name}@int8"], value[f"{w.name}@scale"])
         else:
@@ -130,9 +148,9 @@ class PackedWeight:
         if self.kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.a, bias, "none", [], "")
         x2 = x.reshape(-1, self.shape[1])
-        if self.kind == "int4" and x2.shape[0] > INT4_KERNEL_ROWS:  # prefill: dense copy + one GEMM
+        if self.kind in ("int4", "int4x2") and x2.shape[0] > INT4_KERNEL_ROWS:  # prefill: dense copy + one GEMM
             y = F.linear(x2, self.dense())
-        elif self.kind == "int4":
+        elif self.kind in ("int4", "int4x2"):
             y = self._int4(x2)
         elif x2.shape[0] <= INT8_KERNEL_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.a, self.b.to(x.dtype))
@@ -158,10 +176,13 @@ class PackedWeight:
         if self.kind == "int8":
             return self.a.to(self.dtype) * self.b.to(self.dtype)[:, None]
         eye = torch.eye(self.shape[1], dtype=self.dtype)  # [K, K] through the kernel: the matrix, transposed
-        return (self._int4(eye) if self.kind == "int4" else self.linear(eye, None)).t().contiguous()
+        return (self._int4(eye) if self.kind.startswith("int4") else self.linear(eye, None)).t().contiguous()
 
     def _int4(self, x2: torch.Tensor) -> torch.Tensor:
-        """[M, K] -> [M, N] on the packed codes (the kernel wants its scales in the input's dtype)."""
+        """[M, K] -> [M, N] on the packed codes (the kernel wants its scales in the input's dtype);
+        int4x2: the input twice, [M, 2K], against the high and low halves of the 8-bit codes."""
+        if self.kind == "int4x2":
+            x2 = torch.cat([x2, x2], -1)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.a, self.group, self.b.to(x2.dtype))
 
 

@@ -6,7 +6,8 @@ the compressed sizes (executors.quant.quantized_nbytes): w_bytes (home and every
 kv_bytes, kv_read, kv_write. Adds w_work_bytes: the dequantised working copy a layer run uses on
 the device (insert_io loads into it; plan_memory counts it), and w_packed: on a CPU device with
 executor.packed_weights, layers whose matrices fit torch's packed kernels are computed on as
-stored (executors/packed.py): no dequantisation, w_work_bytes = w_bytes. Only matrices are quantised
+stored (executors/packed.py): no dequantisation, w_work_bytes = w_bytes (a checkpoint's Q4_0 / Q4_1
+/ Q8_0 layers too, in bfloat16: quant_format.kernel_packable). Only matrices are quantised
 (costs.is_compressed); biases and norms stay dense. The KV cache [2, S_max, B, nkv, d] is grouped
 along a dim other than the sequence (default -1, head_dim), so prefixes and slices stay cheap.
 graph.graph["compression"]: {"weight": summary | None, "cache": summary | None} for reports.
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
-from graphgen.quant_format import BITS, kernel_packable, quantized_nbytes
+from graphgen.quant_format import BITS, kernel_packable, packed_nbytes, quantized_nbytes, stored_split
 from graphgen.build import squares
-from graphgen.costs import Shape, is_compressed
+from graphgen.costs import Shape, dtype_of, is_compressed
 
 from . import PassError, register
 
@@ -37,12 +38,12 @@ def settings(c, key: str) -> Comp:
     return (int(c.bits), int(c.group_size), int(c.group_dim))
 
 
-def weight_nbytes(layer, itemsize: int, comp: Comp) -> int:
-    """Bytes of a layer's weights at home and over links: quantised matrices + dense the rest."""
+def weight_nbytes(layer, itemsize: int, comp: Comp, split: bool = False) -> int:
+    """Bytes of a layer's weights at home and over links: quantised matrices + dense the rest
+    (split: a checkpoint's 8-bit matrices as two int4 halves, quant_format.stored_split)."""
     if comp is None:
         return layer.numel * itemsize
-    bits, gs, gd = comp
-    return sum(quantized_nbytes(w.shape, bits, gs, gd) if is_compressed(w) else w.numel * itemsize
+    return sum(packed_nbytes(w.shape, comp, split) if is_compressed(w) else w.numel * itemsize
                for w in layer.weights)
 
 
@@ -103,12 +104,13 @@ def compress(graph, cfg):
     # per layer: (setting, compressed bytes, dense bytes); a layer with no matrix stays dense
     lay = []
     on_kernels = cfg.hardware.device == "cpu" and cfg.executor.packed_weights  # executors/packed.py
+    dtype = dtype_of(cfg.model.dtype)
     for layer in spec.layers:
         c = wc if wc and any(is_compressed(w) for w in layer.weights) else None
         c = c or (layer.stored if not wc else None)  # unset: keep what the checkpoint stores (GGUF)
-        # the packed kernels re-quantise to their own format: a checkpoint's exact compression is kept as stored
-        packed = bool(c) and on_kernels and kernel_packable(layer, c) and not (layer.stored and c == layer.stored)
-        wq = weight_nbytes(layer, sh.itemsize, c)
+        # a checkpoint's exact compression goes on the kernels in bf16 only (quant_format.kernel_packable)
+        packed = bool(c) and on_kernels and kernel_packable(layer, c, dtype, sh.batch)
+        wq = weight_nbytes(layer, sh.itemsize, c, packed and stored_split(layer, c))
         lay.append((c, wq, layer.numel * sh.itemsize, packed))
     attn = sum(layer.kind == "attn" for layer in spec.layers)
     kv_total = attn * nb * kv_nbytes(spec, sh, sh.max_len, cc)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from executors.packed import PackedWeight, packable, pack, prepack, wrap
+from graphgen.quant_format import STORED8_KERNEL_ROWS
 from executors.quant import dequantize, quantize
 from graphgen import LLM
 from graphgen.models.base import ModelSpec
@@ -17,15 +18,23 @@ from ..conftest import left_padded_batch
 from ..models.test_model_families import _llama, make_checkpoint
 
 
-def matrix(name="w", shape=(48, 64), kind="mlp"):
+def matrix(name="w", shape=(48, 64), kind="mlp", stored=None):
     w = SimpleNamespace(name=name, shape=shape, compressible=True)
-    return SimpleNamespace(kind=kind, weights=[w]), w
+    return SimpleNamespace(kind=kind, weights=[w], stored=stored), w
 
 
 def packed(bits, x, kind="mlp", group=32, dtype=torch.float32) -> PackedWeight:
     layer, w = matrix(shape=tuple(x.shape), kind=kind)
     comp = (bits, group, -1)
     return wrap(layer, pack(layer, w, x, comp), comp, dtype)["w"]
+
+
+def packed_stored(q, kind="mlp", dtype=torch.bfloat16) -> PackedWeight:
+    """A matrix kept in a checkpoint's exact compression (its parts q, as a GGUF's Q4_x / Q8_0 are)."""
+    comp = (q.bits, q.group_size, -1)
+    layer, w = matrix(shape=q.shape, kind=kind, stored=comp)
+    parts = {"data": q.data, "mins": q.mins.half(), "scales": q.scales.half()}  # GGUF: float16 d and m
+    return wrap(layer, pack(layer, w, None, comp, parts), comp, dtype)["w"]
 
 
 def test_packable_needs_kernel_shapes():
@@ -38,6 +47,43 @@ def test_packable_needs_kernel_shapes():
     assert packable(matrix(shape=(40, 48))[0], (8, 64, -1))  # int8: per channel, any shape
     assert packable(matrix(shape=(40, 48), kind="embed")[0], (4, 16, -1))  # rows: graphgen's format
     assert not packable(matrix()[0], None)
+
+
+def test_stored_layers_go_on_the_kernels_in_bf16_only():
+    """A checkpoint's exact Q4_x / Q8_0 layers: int4 kernel in bf16 (8-bit up to STORED8_KERNEL_ROWS
+    rows, the head's batch), float32 keeps the exact dequantising path; row lookups are exact in both."""
+    bf, f32 = torch.bfloat16, torch.float32
+    q4, q8 = (4, 32, -1), (8, 32, -1)
+    assert packable(matrix(stored=q4)[0], q4, bf) and not packable(matrix(stored=q4)[0], q4, f32)
+    assert packable(matrix(stored=q8)[0], q8, bf, rows=STORED8_KERNEL_ROWS)
+    assert not packable(matrix(stored=q8)[0], q8, bf, rows=STORED8_KERNEL_ROWS + 1)
+    assert not packable(matrix(shape=(40, 64), stored=q8)[0], q8, bf)  # two int4 halves: int4's shapes
+    assert packable(matrix(kind="embed", stored=q8)[0], q8, f32, rows=1000)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stored_parts_on_the_kernel_equal_the_checkpoints_values(bits):
+    """Q4_1 (min + d * code) on the int4 kernel, Q8_0 as two int4 halves (code = 16 hi + lo): the
+    kernel's weights are the stored values up to bfloat16 rounding of d and min + 8d, and its
+    products those of that matrix (the values as a GGUF stores them: float16 d and m)."""
+    x = torch.randn(48, 64)
+    q = quantize(x, bits, 32, -1)
+    q.mins, q.scales = q.mins.half(), q.scales.half()
+    W = packed_stored(q)
+    assert W.kind == ("int4" if bits == 4 else "int4x2")
+    want = dequantize(q, torch.float32)
+    assert (W.dense().float() - want).abs().max() <= 2 ** -7 * want.abs().max()
+    for rows in (3, 1100):  # the kernel; above INT4_KERNEL_ROWS the dense copy and one GEMM
+        inp = torch.randn(rows, 64).bfloat16()
+        torch.testing.assert_close(F.linear(inp, W).float(), F.linear(inp, W.dense()).float(), rtol=0.02, atol=0.05)
+
+
+def test_stored_embedding_keeps_the_exact_parts():
+    q = quantize(torch.randn(96, 64), 8, 32, -1)
+    q.mins, q.scales = q.mins.half(), q.scales.half()
+    E = packed_stored(q, kind="embed", dtype=torch.float32)
+    ids = torch.tensor([[3, 95]])
+    assert torch.equal(F.embedding(ids, E), dequantize(q, torch.float32)[ids])
 
 
 def test_int4_is_graphgens_group_scheme_on_the_kernel():

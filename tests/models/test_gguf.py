@@ -12,6 +12,7 @@ import torch
 
 from graphgen import LLM
 from graphgen.models.gguf import GGUFError, GGUFWeights, load
+from graphgen.perf.accuracy import agreement, forced_logits
 
 from ..conftest import left_padded_batch
 from .gguf_files import tiny_model, write_gguf
@@ -96,6 +97,26 @@ def test_greedy_tokens_equal_transformers_gguf_loader(files, family, qtype, keep
         out = llm.generate(ids, mask, max_new_tokens=6)
         assert llm.source.kind == "gguf"
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family,qtype", [("llama", "Q4_1"), ("qwen2", "Q4_0"), ("mistral", "Q8_0")])
+def test_bf16_computes_on_the_stored_blocks(files, family, qtype):
+    """In bfloat16 the stored Q4_0 / Q4_1 / Q8_0 layers run on the int4 kernel as they are (no layer
+    dequantised: executors/packed.py), as close to the exact float32 run as bfloat16 on the
+    dequantised weights is (teacher-forced next-token distributions)."""
+    path = files(family, qtype)
+    ids, mask = left_padded_batch(4, 7)
+    base = [f"policy.gpu_batch_size=4", "policy.num_gpu_batches=1"]
+    with LLM(str(path), ["model.dtype=float32", *base]) as llm:
+        ref, tokens = forced_logits(llm, ids, mask, 6)
+    got = {}
+    for on in ("true", "false"):
+        with LLM(str(path), ["model.dtype=bfloat16", f"executor.packed_weights={on}", *base]) as llm:
+            got[on] = agreement(ref, forced_logits(llm, ids, mask, 6, forced=tokens)[0])
+            ex = llm.executor
+            assert len(ex.packed_layers) == (len(llm.spec.layers) if on == "true" else 0)
+            assert ("dequantize_s" in ex.stats) == (on == "false")
+    assert got["true"]["kl"] <= 2 * got["false"]["kl"] + 1e-5 and got["true"]["top1"] >= got["false"]["top1"] - 0.05
 
 
 def test_q4_1_costs_its_file_size_in_the_tiers_and_on_disk(files, tmp_path):

@@ -122,6 +122,25 @@ def wide(overrides):
     return run_pipeline(g, cfg)
 
 
+@pytest.mark.parametrize("dtype,batch,packed", [("bfloat16", 2, (True, True)), ("float32", 2, (False, False)),
+                                                 ("bfloat16", 64, (True, False))])
+def test_checkpoint_compression_on_the_kernels(dtype, batch, packed):
+    """Layers a checkpoint stores compressed (a GGUF's Q4_1 layer, a Q8_0 head) run on the int4 kernel
+    in bfloat16; float32 keeps the exact dequantising path; the Q8_0 head (its rows: the batch) only
+    up to STORED8_KERNEL_ROWS, and as two int4 halves it counts their bytes (1.25 per weight)."""
+    spec = build_spec(hf_config_from_arch(dict(TINY, hidden_size=128, ffn_dim=512, word_embed_proj_dim=128)))
+    attn, head = spec.layers[1], spec.layers[-1]
+    attn.stored, head.stored = (4, 32, -1), (8, 32, -1)
+    g = build_graph(spec, batch=batch, num_batches=1, prompt_len=8, gen_len=2, dtype=dtype)
+    g = run_pipeline(g, compose([f"model.dtype={dtype}", f"policy.gpu_batch_size={batch}"]))
+    a, h = g.nodes[(0, 1, 0)], g.nodes[(0, len(spec.layers) - 1, 0)]
+    assert (a["w_compressed"], h["w_compressed"]) == (attn.stored, head.stored)
+    assert (a["w_packed"], h["w_packed"]) == packed
+    (N, K), = [w.shape for w in head.weights if is_compressed(w)]
+    head_bytes = h["w_bytes"] - sum(w.numel * g.graph["shape"].itemsize for w in head.weights if not is_compressed(w))
+    assert head_bytes == (N * K * 5 // 4 if packed[1] else quantized_nbytes((N, K), 8, 32))
+
+
 def test_plan_that_fits_only_compressed():
     need = wide([ALL_HOST]).graph["peak_bytes"]["host"]
     squeezed = [ALL_HOST, f"hardware.host_mem={need // 2}"]
