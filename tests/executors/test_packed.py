@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from executors.packed import PackedWeight, packable, pack, prepack, wrap
+from executors.packed import PackedWeight, _layout_known, packable, pack, prepack, wrap
 from graphgen.quant_format import STORED8_KERNEL_ROWS
 from executors.quant import dequantize, quantize
 from graphgen import LLM
@@ -76,6 +76,17 @@ def test_stored_parts_on_the_kernel_equal_the_checkpoints_values(bits):
     for rows in (3, 1100):  # the kernel; above INT4_KERNEL_ROWS the dense copy and one GEMM
         inp = torch.randn(rows, 64).bfloat16()
         torch.testing.assert_close(F.linear(inp, W).float(), F.linear(inp, W.dense()).float(), rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("bits,rows", [(4, 192), (8, 128), (4, 48)])
+def test_dense_reads_the_packed_codes_as_the_kernel_does(bits, rows):
+    """dense() (prefill's dense copy) unpacks the kernel's layout (rows a multiple of 64; otherwise
+    it runs the kernel on an identity): bit for bit what the kernel computes with."""
+    q = quantize(torch.randn(rows, 64), bits, 32, -1)
+    for dtype in (torch.float32, torch.bfloat16):
+        W = packed_stored(q, dtype=dtype)
+        assert _layout_known(*W.a.shape) == (rows % 64 == 0)
+        assert torch.equal(W.dense(), W._int4(torch.eye(64, dtype=dtype)).t())
 
 
 def test_stored_embedding_keeps_the_exact_parts():
