@@ -163,6 +163,7 @@ def main() -> None:
                          f"{', '.join(GGUF_SETTINGS)} (the Q4_1 GGUF as stored)")
     ap.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     ap.add_argument("--batch", type=int, default=8, help="policy.gpu_batch_size")
+    ap.add_argument("--ppl-only", action="store_true", help="perplexity only (no lm-eval tasks: minutes less)")
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,7 +186,7 @@ def main() -> None:
                                                                    "report.progress=false"]
                 with LLM(str(path), overrides) as llm:
                     ppl = perplexity(llm, text)
-                    acc, acc_norm, em = evaluate(llm, Path(tmp), args.limit)
+                    acc, acc_norm, em = (math.nan,) * 3 if args.ppl_only else evaluate(llm, Path(tmp), args.limit)
                 rows.append((name, ppl, acc, acc_norm, em, time.perf_counter() - t0))
             print("{}: ppl {:.3f} mc acc {:.3f} acc_norm {:.3f} gen em {:.3f} ({:.0f} s)".format(*rows[-1]),
                   file=sys.stderr, flush=True)

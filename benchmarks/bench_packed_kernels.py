@@ -17,7 +17,7 @@ The weight bytes each kernel reads are printed beside, so the table shows where 
 By default each matrix has distinct copies (--cold-mb of bf16 in all) used in turn, so its weights
 come from RAM as in a decode step (30 layers: ~270 MB bf16), not from the 32 MB cache.
 
-    python benchmarks/bench_packed_kernels.py --threads 2 [--rows 1,16,64] [--reps 10] [--cold-mb 128] [--torchao]
+    python benchmarks/bench_packed_kernels.py --threads 2 [--rows 1,16,64] [--reps 10] [--cold-mb 64] [--torchao]
 """
 from __future__ import annotations
 
@@ -48,15 +48,20 @@ def best_ms(fn, reps: int) -> float:
     return min(times) * 1e3
 
 
-def kernels(w: torch.Tensor, rows: int, with_ao: bool):
+def kernels(w: torch.Tensor, with_ao: bool):
     """name -> (weight bytes, fn(x)) for the float32 matrix w [N, K]; the packed ones as
     executors/packed.py stores and computes them (int4 from graphgen's 4-bit groups of 32, Q8_0
     from an 8-bit checkpoint's blocks of 32)."""
     N, K = w.shape
     wb = w.bfloat16()
     out = {"bf16": (wb.nbytes, lambda x: F.linear(x, wb))}
-    pre = torch.ops.mkldnn._reorder_linear_weight(wb, rows)
-    out["bf16-onednn"] = (wb.nbytes, lambda x: torch.ops.mkldnn._linear_pointwise(x, pre, None, "none", [], ""))
+    pre = {}  # oneDNN's layout is chosen for the row count: reordered on the first call with x
+
+    def onednn(x):
+        if x.shape[0] not in pre:
+            pre[x.shape[0]] = torch.ops.mkldnn._reorder_linear_weight(wb, x.shape[0])
+        return torch.ops.mkldnn._linear_pointwise(x, pre[x.shape[0]], None, "none", [], "")
+    out["bf16-onednn"] = (wb.nbytes, onednn)
     q4, q8 = quantize(w, 4, 32, -1), quantize(w, 8, 32, -1)
     i4 = packed_weight(w, 4)
     out["int4-kernel"] = (i4.a.nbytes + i4.b.nbytes, i4._int4)
@@ -107,7 +112,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from: " + ", ".join(SHAPES))
     ap.add_argument("--torchao", action="store_true", help="also torchao's weight-only configs")
-    ap.add_argument("--cold-mb", type=int, default=128,
+    ap.add_argument("--cold-mb", type=int, default=64,
                     help="bf16 MB of distinct copies per matrix, cycled (0: one copy, hot in the caches)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,17 +126,17 @@ def main() -> None:
             print(f"\n{name}: " + "".join(f"{'rows ' + str(r):>11}" for r in rows) + "   weight MB")
             # cold: enough distinct copies of each matrix that they cannot stay in the caches
             # (a decode step reads every layer's weights from RAM once), cycled call by call
-            copies = max(1, min(64, -(-args.cold_mb * 2**20 // (N * K * 2)))) if args.cold_mb else 1
+            copies = max(1, min(32, -(-args.cold_mb * 2**20 // (N * K * 2)))) if args.cold_mb else 1
+            sets = [kernels(w * (1 + c / 64), args.torchao) for c in range(copies)]
             table = {}
             for r in rows:
                 x = torch.randn(r, K, dtype=torch.bfloat16)
-                sets = [kernels(w * (1 + c / 64), r, args.torchao) for c in range(copies)]
                 for kname, (nbytes, _) in sets[0].items():
                     fns = [s[kname][1] for s in sets]
                     ms = best_ms(lambda: [fn(x) for fn in fns], args.reps) / copies
                     table.setdefault(kname, [nbytes]).append(ms)
             for kname, (nbytes, *ms) in table.items():
-                print(f"  {kname:<14}" + "".join(f"{t:11.3f}" for t in ms) + f"{nbytes / 1e6:11.2f}")
+                print(f"  {kname:<14}" + "".join(f"{t:11.3f}" for t in ms) + f"{nbytes / 1e6:11.2f}", flush=True)
 
 
 if __name__ == "__main__":

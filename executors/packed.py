@@ -9,10 +9,19 @@ and the model's F.linear / F.embedding calls run on them (PackedWeight.__torch_f
 - 8-bit: per-output-channel symmetric int8 (the kernel's scheme, not group-wise), computed by
   _weight_int8pack_mm.
 - the embedding layer keeps graphgen's group-wise format and dequantises only the rows looked up.
+- a checkpoint's exact compression (a GGUF's layers, layer.stored), in bfloat16 only: Q4_0 / Q4_1
+  (value = min + d * code, groups of 32) on the int4 kernel with scale d, zero min + 8d; Q8_0
+  (codes 0..255 as stored, value = min + d * code) as two int4 halves side by side ([N, 2K]: high
+  nibble with scale 16d and zero min + 128d, low nibble with d and 8d; the input twice, [M, 2K]),
+  for at most quant_format.STORED8_KERNEL_ROWS rows; its embedding as stored (row lookups, exact).
+  d and the zeros are rounded to bfloat16 once (the dense bf16 path rounds every weight the same
+  way); float32 keeps the exact dequantising path (quant_format.kernel_packable).
 Dense bf16 layers that live on the (CPU) device are reordered once into oneDNN's blocked layout
 (prepack) and computed by mkldnn._linear_pointwise: F.linear would reorder them on every call.
 Its results are bit-identical to F.linear's (float32 layers are never prepacked: exactness).
-Stored bytes: 4-bit exactly graphgen's; 8-bit N*K + 2N (under the group-wise size the plan counts).
+Stored bytes: 4-bit exactly graphgen's; 8-bit N*K + 2N (under the group-wise size the plan counts);
+Q8_0 as two halves 1.25 N*K (quant_format.packed_nbytes). dense() (prefill above INT4_KERNEL_ROWS)
+unpacks the int4 kernel's layout, bit-identical to what the kernel computes with.
 A layer is packed when all its compressed matrices fit the kernels (4-bit: groups of 32..256 along
 the input dim that divide it, N a multiple of 16); otherwise it takes the dequantising path
 (executors/compressed.py), as does every layer with executor.packed_weights=false or on a GPU.
@@ -31,8 +40,10 @@ from graphgen.quant_format import kernel_packable
 
 from .quant import QTensor, _unpack, dequantize, quantize
 
-INT4_KERNEL_ROWS = 1024  # above: dense() + GEMM (measured, 4096 rows: kernel 105 ms, dense + GEMM 22 ms)
-INT8_KERNEL_ROWS = 32  # above: dequantise + GEMM (measured: int8 kernel 3.0 ms vs 1.4 ms at 256 rows)
+# Above these rows a dense copy + one bf16 GEMM is faster than the kernel, whose time grows with the
+# rows (benchmarks/bench_packed_kernels.py, 2 threads, SmolLM2's matrices, docs/compression.md):
+INT4_KERNEL_ROWS = 192  # 1536x576: kernel 1.33 / 2.60 ms, unpack + GEMM 1.68 / 2.08 ms at 128 / 256 rows
+INT8_KERNEL_ROWS = 32  # 1536x576: kernel 0.22 / 0.77 ms, dequantise + GEMM 0.36 / 0.52 ms at 16 / 64 rows
 packable = kernel_packable  # the compress pass decides with the same rule (w_packed)
 
 
