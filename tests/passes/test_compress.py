@@ -80,7 +80,9 @@ def test_device_weights_stay_compressed_and_dequantise_once_per_run():
 
 
 def test_first_square_of_each_run_dequantises_and_the_cost_model_prices_it_there():
-    g, _ = compiled([W4, "schedule=zigzag", ALL_HOST, DEQUANT])  # zig-zag: a run is one layer over the GPU batches
+    # zig-zag: a run is one layer over the GPU batches; a GPU machine's plan (on a CPU the host ->
+    # device loads are copies within RAM, run inline: passes/insert_io.py)
+    g, _ = compiled([W4, "schedule=zigzag", ALL_HOST, DEQUANT, "hardware.device=cuda"])
     squares = [n for n in g.graph["ops"] if "kind" in g.nodes[n]]
     first = {}
     for n in squares:  # schedule order: the first square reading each working copy
