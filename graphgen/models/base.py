@@ -157,13 +157,7 @@ class ModelSpec:
         bias: attn_bias(mask, s, q.dtype) when the caller has it (every layer shares it)."""
         if bias is NotImplemented:
             bias = self.attn_bias(mask, q.shape[2], q.dtype)
-        causal = bias is None and q.shape[2] > 1  # None: see attn_bias
-        # grouped K/V heads as they are (no repeat): the CPU flash kernel, batch 16 x 256 tokens, 9:3
-        # heads: 28.8 ms against 32.9 with K/V repeated, the same output
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, scale=self.attn_scale,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
-        b, nh, s, d = out.shape
-        return out.transpose(1, 2).reshape(b, s, nh * d)
+        return attend(q, k, v, bias, self.attn_scale)
 
     def linears(self, w, x: torch.Tensor, *names: str) -> List[torch.Tensor]:
         """F.linear of x by each named weight (and its bias). Where the executor fused the group
@@ -181,6 +175,64 @@ class ModelSpec:
 def fused_name(names: Sequence[str], part: str = "weight") -> str:
     """The key of a fused group's matrix (or bias): "q_proj+k_proj+v_proj.weight"."""
     return "+".join(names) + "." + part
+
+
+# Prefill attention on a CPU in bfloat16 runs as blocks of scores (grouped_attention) from this many
+# score elements (B * heads * s * L) on; below it SDPA's flash kernel, which is faster on tiny inputs
+# (batch 1 x 64 tokens, 9 heads: 0.10 against 0.12 ms).
+GROUPED_MIN_SCORES = 1 << 20
+GROUPED_BLOCK_BYTES = 4 << 20  # scores per block: 2 and 8 MiB measured slower at (16, 256) and (4, 1024)
+
+
+def attend(q, k, v, bias: Optional[torch.Tensor], scale: Optional[float] = None) -> torch.Tensor:
+    """Attention of q [B, nh, s, d] over k/v [B, nkv, L, d] (nh a multiple of nkv, grouped heads as
+    they are) -> ctx [B, s, nh*d]. bias: None for plain causal (s == L) or a single query,
+    else additive [B, 1, s, L] (attn_bias). scale: None for 1/sqrt(d)."""
+    b, nh, s, d = q.shape
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and s > 1
+            and b * nh * s * k.shape[2] >= GROUPED_MIN_SCORES):
+        return grouped_attention(q, k, v, bias, d ** -0.5 if scale is None else scale)
+    # grouped K/V heads as they are (no repeat): the CPU flash kernel, batch 16 x 256 tokens, 9:3
+    # heads: 28.8 ms against 32.9 with K/V repeated, the same output
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and s > 1,
+                                         scale=scale, enable_gqa=k.shape[1] != nh)
+    return out.transpose(1, 2).reshape(b, s, nh * d)
+
+
+def grouped_attention(q, k, v, bias: Optional[torch.Tensor], scale: float,
+                      block_bytes: int = GROUPED_BLOCK_BYTES) -> torch.Tensor:
+    """attend() as transformers' eager attention computes it, for a CPU in bfloat16: the scores
+    q.k^T in bfloat16, scaled, masked, softmax accumulated in float32 and rounded, then p.v.
+
+    The q heads that share a K/V head are stacked into one matrix, [B*nkv, s*group, d], so each
+    block is two large batched GEMMs (oneDNN), where SDPA's CPU flash kernel multiplies 64-query
+    tiles. A block is the queries whose scores fit block_bytes, against only the keys they can see:
+    batch 16 x 256 tokens, 9:3 heads, 2 threads, 7.2 ms against SDPA's 16.7; (64, 128) 11.7 vs 20.8
+    (benchmarks/profile_decode.py --phase prefill)."""
+    B, nh, s, d = q.shape
+    nkv, L = k.shape[1], k.shape[2]
+    g = nh // nkv
+    qg = q.reshape(B, nkv, g, s, d).transpose(2, 3).reshape(B * nkv, s * g, d)  # row = position * g + head
+    kk, vv = k.reshape(B * nkv, L, d), v.reshape(B * nkv, L, d)
+    out = torch.empty(B * nkv, s * g, d, dtype=q.dtype, device=q.device)
+    past = L - s  # keys before the first query
+    step = max(1, min(s, block_bytes // (B * nkv * g * L * q.element_size())))
+    tri = None
+    if bias is None:  # plain causal: mask only the block's diagonal square
+        tri = torch.ones(step, step, dtype=torch.bool, device=q.device).triu_(1).repeat_interleave(g, 0)
+    for p0 in range(0, s, step):
+        p1 = min(s, p0 + step)
+        n, end = p1 - p0, past + p1  # rows see keys [0, end)
+        sc = torch.bmm(qg[:, p0 * g:p1 * g], kk[:, :end].transpose(1, 2))
+        if scale != 1.0:
+            sc.mul_(scale)
+        if tri is not None:
+            sc[:, :, past + p0:end].masked_fill_(tri[:n * g, :n], float("-inf"))
+        else:  # keys from `end` on are masked for these rows (their weights would round to 0)
+            sc.view(B, nkv, n, g, end).add_(bias[:, :, p0:p1, None, :end] if bias.shape[1] == 1 else
+                                            bias.view(B, nkv, g, s, L)[:, :, :, p0:p1, :end].transpose(2, 3))
+        torch.bmm(sc.softmax(-1), vv[:, :end], out=out[:, p0 * g:p1 * g])
+    return out.view(B, nkv, s, g, d).permute(0, 2, 1, 3, 4).reshape(B, s, nh * d)
 
 
 def causal_padding_bias(mask: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:

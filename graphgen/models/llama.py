@@ -111,13 +111,13 @@ class LlamaSpec(ModelSpec):
 
     def attn_bias(self, mask, s, dtype):
         """Causal + padding, and Mistral's sliding window: key index > query index - window."""
-        bias = causal_padding_bias(mask, s, dtype)
         L = mask.shape[1]
-        if self.sliding_window is not None and L > self.sliding_window:
-            q_pos = torch.arange(L - s, L, device=mask.device)[:, None]
-            k_pos = torch.arange(L, device=mask.device)[None, :]
-            bias.masked_fill_((k_pos <= q_pos - self.sliding_window)[None, None], torch.finfo(dtype).min)
-        return bias
+        if self.sliding_window is None or L <= self.sliding_window:
+            return super().attn_bias(mask, s, dtype)  # None where plain causal will do
+        bias = causal_padding_bias(mask, s, dtype)
+        q_pos = torch.arange(L - s, L, device=mask.device)[:, None]
+        k_pos = torch.arange(L, device=mask.device)[None, :]
+        return bias.masked_fill_((k_pos <= q_pos - self.sliding_window)[None, None], torch.finfo(dtype).min)
 
 
 class MistralSpec(LlamaSpec):

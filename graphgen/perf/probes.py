@@ -19,7 +19,7 @@ from executors.offload_dir import private_run_dir
 from executors.quant import dequantize, quantize
 
 from ..models import build_spec, hf_config_from_arch
-from ..models.base import positions_from_mask
+from ..models.base import attend, positions_from_mask
 
 
 @dataclass(frozen=True)
@@ -135,22 +135,14 @@ def _additive_bias(b: int, s: int, ctx: int, dtype: torch.dtype, device: torch.d
     return bias.expand(b, 1, s, ctx).contiguous()
 
 
-def _sdpa_seconds(device: torch.device, dtype: torch.dtype, b: int, h: int, s: int, ctx: int,
-                  d: int, repeats: int) -> float:
-    """Seconds of SDPA with an additive mask, as graphgen.models.base.attn_core calls it."""
-    q = _filled((b, h, s, d), dtype, device)
-    k, v = _filled((b, h, ctx, d), dtype, device), _filled((b, h, ctx, d), dtype, device)
-    bias = _additive_bias(b, s, ctx, dtype, device)
-    attn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # noqa: E731
-    return _bench(attn, _sync_fn(device), repeats)
-
-
 def prefill_attention_flops(device: torch.device, dtype: torch.dtype,
                             shape: Tuple[int, int, int, int], repeats: int = 5) -> float:
-    """FLOP/s of causal attention over (B, heads, s, d), counted as 4*B*heads*s*s*d (both
-    matmuls over the full square, as graphgen.perf.costmodel counts them)."""
+    """FLOP/s of causal attention over (B, heads, s, d) as graphgen's layers run it (models.base
+    attend, no padding), counted as 4*B*heads*s*s*d (both matmuls over the full square, as
+    graphgen.perf.costmodel counts them)."""
     b, h, s, d = shape
-    return 4 * b * h * s * s * d / _sdpa_seconds(device, dtype, b, h, s, s, d, repeats)
+    q, k, v = (_filled((b, h, s, d), dtype, device) for _ in range(3))
+    return 4 * b * h * s * s * d / _bench(lambda: attend(q, k, v, None), _sync_fn(device), repeats)
 
 
 def decode_attention_bw(device: torch.device, dtype: torch.dtype,

@@ -39,7 +39,7 @@ PROFILE_KEYS: Dict[str, str] = {
                             "(FLOP/s; FlexGen mm_flops_p)",
     "device_flops_decode_<dtype>": "matmul throughput on the compute device, decode shape (B, H) x (H, 4H), "
                                    "weight-bandwidth bound (FLOP/s; FlexGen mm_flops_g)",
-    "device_bmm_flops_<dtype>": "prefill causal attention (SDPA with an additive mask) on the device, "
+    "device_bmm_flops_<dtype>": "prefill causal attention (graphgen.models.base.attend) on the device, "
                                 "counted as 4*B*heads*s*s*head_dim FLOPs (FLOP/s; FlexGen bmm_flops_p)",
     "cpu_flops_<dtype>": "matmul throughput on the host CPU, prefill shape (FLOP/s)",
     "cpu_flops_decode_<dtype>": "matmul throughput on the host CPU, decode shape (FLOP/s)",
