@@ -21,9 +21,12 @@ its scores are rounded to bf16 as in transformers' eager attention (batch 16, co
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Dict, Optional
 
 import torch
+
+from graphgen.models.base import in_row_chunks
 
 from . import compressed as cq
 
@@ -42,7 +45,7 @@ class AttentionGlue:
         attention tier as ("kvnew", j, k, i) for the store op. mask: the batch's [B, L] mask."""
         i, j, k = n
         L, s = a["ctx"], a["s"]
-        q, k_new, v_new = self.spec.attn_qkv(w, h, pos)  # q [B,nh,s,d], k/v [B,nkv,s,d]
+        q, k_new, v_new = in_row_chunks(partial(self.spec.attn_qkv, w), h, pos)  # q [B,nh,s,d], k/v [B,nkv,s,d]
         where = tiers[a["attn_device"]]
         new = torch.stack([k_new, v_new]).permute(0, 3, 1, 2, 4).to(where.device)  # [2, s, B, nkv, d]
         comp = a.get("kv_compressed")
@@ -57,7 +60,7 @@ class AttentionGlue:
         else:
             ctx = self.spec.attn_core(q, kv[0][:, :, :L], kv[1][:, :, :L], mask, bias)
         where.put(("kvnew", j, k, i), cq.compress_slice(new, comp))  # stored (and moved) compressed
-        return self.spec.attn_out(w, ctx.to(device), h)
+        return in_row_chunks(lambda h_, ctx_: self.spec.attn_out(w, ctx_, h_), h, ctx.to(device))
 
     def cache_view(self, where, a, jk, L: int, s: int, new: torch.Tensor) -> Optional[torch.Tensor]:
         """The cache at home, with the new slice written in, as [2, B, nkv, S_max, d] (a view:

@@ -13,6 +13,7 @@ lifetime (kv_cache.py), the output head's sampling and scoring (heads.py), atten
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 
 from graphgen.config import Config, tier_budgets
 from graphgen.costs import dtype_of
-from graphgen.models.base import ModelSpec, positions_from_mask
+from graphgen.models.base import ModelSpec, in_row_chunks, positions_from_mask
 from graphgen.models.weights import WeightSource
 from graphgen.sampling import Sampling
 
@@ -237,7 +238,7 @@ class Executor(WeightPlacement, CacheLifetime, Heads):
             out = self.attn.square(self.tiers, n, a, w, dev.get(a["act_in"]), pos, self.state.mask[k][:, :L],
                                    self.device)
         elif kind == "mlp":
-            out = self.spec.mlp(w, dev.get(a["act_in"]))
+            out = in_row_chunks(functools.partial(self.spec.mlp, w), dev.get(a["act_in"]))
         else:
             out, h = None, dev.get(a["act_in"])
             if i == 0 and self.state.inputs.score_targets is not None:

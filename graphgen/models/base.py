@@ -235,6 +235,30 @@ def grouped_attention(q, k, v, bias: Optional[torch.Tensor], scale: float,
     return out.view(B, nkv, s, g, d).permute(0, 2, 1, 3, 4).reshape(B, s, nh * d)
 
 
+# The row-wise parts of a layer (norms, linears, rotary, activations, residual adds) run a few
+# sequences at a time once a square holds more tokens than this on a CPU, so that each op's
+# intermediates stay in cache between ops: the MLP of batch 64 x 128 tokens (SmolLM2, bf16,
+# 2 threads) 48 ms in chunks of 512 tokens against 75 ms in one piece; 256 rows 58, 1024 48, 2048 49.
+ROW_CHUNK_TOKENS = 512
+
+
+def in_row_chunks(fn, h: torch.Tensor, *rest: torch.Tensor, rows: Optional[int] = None):
+    """fn(h, *rest) for hidden h [B, s, H] whose every output (a tensor or a tuple of them) is
+    indexed by sequence first and depends on its own sequence's rows only, computed for
+    max(1, rows // s) sequences at a time on a CPU and joined; in one call elsewhere, or when h
+    holds at most `rows` (default ROW_CHUNK_TOKENS) tokens or one sequence. rest: tensors indexed
+    by sequence first too."""
+    rows = ROW_CHUNK_TOKENS if rows is None else rows
+    b, s = h.shape[0], h.shape[1]
+    if h.device.type != "cpu" or b * s <= rows or b == 1:
+        return fn(h, *rest)
+    n = max(1, rows // s)
+    outs = [fn(h[i:i + n], *(r[i:i + n] for r in rest)) for i in range(0, b, n)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
 def causal_padding_bias(mask: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
     """mask [B, L] -> [B, 1, s, L] with 0 where attended, dtype-min where not."""
     b, L = mask.shape

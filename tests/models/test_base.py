@@ -68,3 +68,22 @@ def test_attend_runs_sdpa_in_float32_and_on_small_inputs(monkeypatch):
     q1 = q[:, :, -1:]  # one query: SDPA (decode has its own path in executors/attention.py)
     attend(q1, k, v, None)
     assert len(calls) == 1
+
+
+def test_in_row_chunks_joins_chunks_of_sequences():
+    h, pos = torch.randn(5, 3, 4), torch.arange(15).view(5, 3)
+    seen = []
+
+    def fn(x, p):
+        seen.append(x.shape[0])
+        return x * 2 + p[..., None], (p * 3).T.contiguous().T  # a tensor and a non-contiguous one
+    whole = fn(h, pos)
+    seen.clear()
+    chunked = base.in_row_chunks(fn, h, pos, rows=6)  # 6 tokens: 2 sequences of 3 at a time
+    assert seen == [2, 2, 1]
+    assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
+    seen.clear()
+    assert torch.equal(base.in_row_chunks(lambda x: x + 1, h, rows=6), h + 1)
+    base.in_row_chunks(fn, h, pos, rows=15)  # fits: one call
+    base.in_row_chunks(fn, h[:1], pos[:1], rows=1)  # one sequence: one call
+    assert seen == [5, 1]

@@ -227,3 +227,29 @@ def test_llm_generate_matches_hf(case, policy, tmp_path):
         out = llm.generate(ids, attention_mask=mask, max_new_tokens=gen)
     ref = hf_generate(model, ids, mask, gen)
     assert torch.equal(out[:, ids.shape[1]:ids.shape[1] + ref.shape[1]], ref), f"{case} {policy}"
+
+
+@pytest.mark.parametrize("case", ["llama3-rope", "bloom"])
+def test_row_chunks_match_hf(case, tmp_path, monkeypatch):
+    """The row-wise parts of each layer in chunks of one sequence (ROW_CHUNK_TOKENS lowered so the
+    small prompts split): the same greedy tokens as transformers."""
+    import executors.attention
+    import executors.base
+    from graphgen.api import LLM
+    from graphgen.models import base
+
+    monkeypatch.setattr(base, "ROW_CHUNK_TOKENS", 4)
+    seen = []  # sequences per call of the family's hooks
+
+    def chunks(fn, h, *rest, **kw):
+        return base.in_row_chunks(lambda x, *r: seen.append(x.shape[0]) or fn(x, *r), h, *rest, **kw)
+    for mod in (executors.attention, executors.base):
+        monkeypatch.setattr(mod, "in_row_chunks", chunks)
+    cfg = _configs()[case]()
+    model = make_checkpoint(cfg, tmp_path / "ckpt")
+    ids, mask = prompts(vocab=cfg.vocab_size)
+    with LLM(str(tmp_path / "ckpt"), overrides=["model.dtype=float32"]) as llm:
+        out = llm.generate(ids, attention_mask=mask, max_new_tokens=5)
+    ref = hf_generate(model, ids, mask, 5)
+    assert torch.equal(out[:, ids.shape[1]:ids.shape[1] + ref.shape[1]], ref)
+    assert 1 in seen and ids.shape[0] in seen  # prefill in chunks of one sequence, decode whole
