@@ -101,7 +101,7 @@ class BloomSpec(ModelSpec):
         return residual + F.linear(x, w["dense_4h_to_h.weight"], w["dense_4h_to_h.bias"])
 
     def head(self, w, h):
-        return F.linear(self._ln(w, h), w["lm_head.weight"]).float()
+        return F.linear(self._ln(w, h), w["lm_head.weight"])
 
     def attn_bias(self, mask, s, dtype):
         """mask [B, L] -> [B, nh, s, L]: ALiBi (slope x key position among real tokens) + causal/padding."""

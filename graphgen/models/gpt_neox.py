@@ -101,4 +101,4 @@ class GPTNeoXSpec(ModelSpec):
         return F.linear(x, w["dense_4h_to_h.weight"], w["dense_4h_to_h.bias"])
 
     def head(self, w, h):
-        return F.linear(self._ln(w, h), w["embed_out.weight"]).float()
+        return F.linear(self._ln(w, h), w["embed_out.weight"])

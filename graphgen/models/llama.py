@@ -107,7 +107,7 @@ class LlamaSpec(ModelSpec):
         return h + F.linear(self.act_fn(gate) * up, w["down_proj.weight"], w.get("down_proj.bias"))
 
     def head(self, w, h):
-        return F.linear(self._rms(w, h), w["lm_head.weight"]).float()
+        return F.linear(self._rms(w, h), w["lm_head.weight"])
 
     def attn_bias(self, mask, s, dtype):
         """Causal + padding, and Mistral's sliding window: key index > query index - window."""

@@ -106,4 +106,4 @@ class OPTSpec(ModelSpec):
             h = self._ln(w, h)
         if "project_out.weight" in w:
             h = F.linear(h, w["project_out.weight"])
-        return F.linear(h, w["lm_head.weight"]).float()
+        return F.linear(h, w["lm_head.weight"])
