@@ -170,6 +170,9 @@ class ModelSpec:
         return list(F.linear(x, fused, w.get(fused_name(names, "bias"))).split(fused.parts, -1))
 
     fused_linears: Tuple[Tuple[str, ...], ...] = ()  # groups of linears on one input (see linears)
+    # True where attn_qkv reads the whole batch (rotary tables scaled by the batch's longest
+    # sequence, as HF's dynamic and longrope types): its squares are not split (in_row_chunks)
+    batch_wide = False
     attn_scale = None  # None: 1/sqrt(head_dim) as SDPA does
     mlp_buffers = 2  # [B, s, ffn] intermediates alive at once in mlp() (gated MLPs: 3)
 
@@ -244,15 +247,16 @@ def grouped_attention(q, k, v, bias: Optional[torch.Tensor], scale: float,
 ROW_CHUNK_TOKENS = 512
 
 
-def in_row_chunks(fn, h: torch.Tensor, *rest: torch.Tensor, rows: Optional[int] = None):
+def in_row_chunks(fn, h: torch.Tensor, *rest: torch.Tensor, rows: Optional[int] = None, whole: bool = False):
     """fn(h, *rest) for hidden h [B, s, H] whose every output (a tensor or a tuple of them) is
     indexed by sequence first and depends on its own sequence's rows only, computed for
     max(1, rows // s) sequences at a time on a CPU and joined; in one call elsewhere, or when h
-    holds at most `rows` (default ROW_CHUNK_TOKENS) tokens or one sequence. rest: tensors indexed
-    by sequence first too."""
+    holds at most `rows` (default ROW_CHUNK_TOKENS) tokens or one sequence, or when `whole`
+    (ModelSpec.batch_wide: the output depends on the whole batch). rest: tensors indexed by
+    sequence first too."""
     rows = ROW_CHUNK_TOKENS if rows is None else rows
     b, s = h.shape[0], h.shape[1]
-    if h.device.type != "cpu" or b * s <= rows or b == 1:
+    if whole or h.device.type != "cpu" or b * s <= rows or b == 1:
         return fn(h, *rest)
     n = max(1, rows // s)
     outs = [fn(h[i:i + n], *(r[i:i + n] for r in rest)) for i in range(0, b, n)]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .base import ModelSpec, WeightSpec
 from .llama import act_fn
-from .rope import Rotary
+from .rope import SEQ_DEPENDENT_TYPES, Rotary
 
 
 class GPTNeoXSpec(ModelSpec):
@@ -32,6 +32,7 @@ class GPTNeoXSpec(ModelSpec):
         super().__init__(hf_config, name)
         self.head_dim = self.hidden_size // self.num_heads  # NeoX ignores any head_dim field
         self.rotary = Rotary(c, self.head_dim)
+        self.batch_wide = self.rotary.type in SEQ_DEPENDENT_TYPES
 
     def act_dim(self, kind: str) -> int:
         return 2 * self.hidden_size if (kind == "attn" and self.parallel) else self.hidden_size

@@ -13,8 +13,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .base import ModelSpec, WeightSpec, causal_padding_bias
-from .rope import Rotary
+from .base import ModelSpec, WeightSpec, causal_padding_bias, fused_name
+from .rope import SEQ_DEPENDENT_TYPES, Rotary
 
 
 def act_fn(name: str):
@@ -26,10 +26,13 @@ def act_fn(name: str):
     return ACT2FN[name]
 
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
 class LlamaSpec(ModelSpec):
     family = "llama"
     mlp_buffers = 3  # gate, up and their product
-    fused_linears = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    fused_linears = (QKV, ("gate_proj", "up_proj"))
 
     def __init__(self, hf_config, name=""):
         c = hf_config
@@ -39,6 +42,7 @@ class LlamaSpec(ModelSpec):
         self.read_flags(c)
         super().__init__(hf_config, name)
         self.rotary = Rotary(c, self.head_dim)
+        self.batch_wide = self.rotary.type in SEQ_DEPENDENT_TYPES
 
     def read_flags(self, c) -> None:
         """Family differences: biases and sliding window (subclasses override)."""
@@ -91,11 +95,17 @@ class LlamaSpec(ModelSpec):
     def attn_qkv(self, w, h, positions):
         x = self._rms(w, h)
         b, s, _ = x.shape
-        q, k, v = self.linears(w, x, "q_proj", "k_proj", "v_proj")
-        q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, n, s, d)
-        k = k.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        fused = w.get(fused_name(QKV))
+        if fused is not None:  # one GEMM (executors/packed.py), then q and k rotated in one pass
+            qkv = F.linear(x, fused, w.get(fused_name(QKV, "bias"))).view(b, s, nh + 2 * nkv, d).transpose(1, 2)
+            qk = self.rotary.apply(qkv[:, :nh + nkv], cos, sin)
+            return qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
+        q, k, v = self.linears(w, x, *QKV)
+        q = q.reshape(b, s, nh, d).transpose(1, 2)  # (B, n, s, d)
+        k = k.reshape(b, s, nkv, d).transpose(1, 2)
+        v = v.reshape(b, s, nkv, d).transpose(1, 2)
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
     def attn_out(self, w, ctx, residual):

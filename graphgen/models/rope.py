@@ -40,7 +40,7 @@ class Rotary:
         self.max_positions = hf_config.max_position_embeddings
         self.orig_max = rp.get("original_max_position_embeddings", self.max_positions)
         self.inv_freq, self.scaling = self._init(None)  # (dim/2,), float
-        self._last = None  # (positions, dtype, (cos, sin)) of the last call
+        self._last: dict = {}  # (ptr, shape, strides, device, dtype) -> (positions, its version, (cos, sin))
 
     def _init(self, seq_len) -> Tuple[torch.Tensor, float]:
         if self.type == "default":
@@ -63,13 +63,17 @@ class Rotary:
         return self.inv_freq, self.scaling
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions [B, s] -> cos, sin [B, 1, s, dim] in dtype. The last tables are kept: the
-        executor passes one positions tensor to every layer of a step."""
-        last = self._last
-        if last is not None and last[0] is positions and last[1] == dtype:
-            return last[2]
+        """positions [B, s] -> cos, sin [B, 1, s, dim] in dtype. The tables of the step's last few
+        position tensors are kept: the executor passes one positions tensor to every layer of a step,
+        sliced the same way for each chunk of sequences (models.base.in_row_chunks)."""
+        key = (positions.data_ptr(), positions.shape, positions.stride(), positions.device, dtype)
+        hit = self._last.get(key)
+        if hit is not None and hit[0]._version == hit[1]:  # hit[0] keeps the memory from being reused
+            return hit[2]
         out = self._cos_sin(positions, dtype)
-        self._last = (positions, dtype, out)
+        if len(self._last) >= 64:
+            self._last.clear()
+        self._last[key] = (positions, positions._version, out)
         return out
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):

@@ -229,7 +229,29 @@ def test_llm_generate_matches_hf(case, policy, tmp_path):
     assert torch.equal(out[:, ids.shape[1]:ids.shape[1] + ref.shape[1]], ref), f"{case} {policy}"
 
 
-@pytest.mark.parametrize("case", ["llama3-rope", "bloom"])
+def _longrope6():
+    """longrope switching tables at 6 positions: prompts() straddle it (lengths 7, 4, 9), and the
+    batch's longest sequence picks the table for all, as in HF."""
+    return _llama(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=6,
+                                       short_factor=[1.0, 1.1, 1.3, 1.7], long_factor=[1.0, 2.0, 4.0, 8.0]))
+
+
+def test_batch_wide_rotary_is_not_split(monkeypatch):
+    from graphgen.models import base
+
+    spec = build_spec(_longrope6())
+    assert spec.batch_wide and not build_spec(_configs()["llama3-rope"]()).batch_wide
+    w = {x.name: torch.randn(x.shape) for x in spec.layers[1].weights}
+    ids, mask = prompts()
+    h, pos = torch.randn(3, ids.shape[1], spec.hidden_size), positions_from_mask(mask)
+    whole = spec.attn_qkv(w, h, pos)
+    kept = base.in_row_chunks(lambda *a: spec.attn_qkv(w, *a), h, pos, rows=1, whole=spec.batch_wide)
+    split = base.in_row_chunks(lambda *a: spec.attn_qkv(w, *a), h, pos, rows=1)
+    assert all(torch.equal(a, b) for a, b in zip(kept, whole))
+    assert not torch.allclose(split[0][1], whole[0][1])  # the 4-token sequence alone would take the short table
+
+
+@pytest.mark.parametrize("case", ["llama3-rope", "bloom", "llama-longrope-6"])
 def test_row_chunks_match_hf(case, tmp_path, monkeypatch):
     """The row-wise parts of each layer in chunks of one sequence (ROW_CHUNK_TOKENS lowered so the
     small prompts split): the same greedy tokens as transformers."""
@@ -245,7 +267,7 @@ def test_row_chunks_match_hf(case, tmp_path, monkeypatch):
         return base.in_row_chunks(lambda x, *r: seen.append(x.shape[0]) or fn(x, *r), h, *rest, **kw)
     for mod in (executors.attention, executors.base):
         monkeypatch.setattr(mod, "in_row_chunks", chunks)
-    cfg = _configs()[case]()
+    cfg = _longrope6() if case == "llama-longrope-6" else _configs()[case]()
     model = make_checkpoint(cfg, tmp_path / "ckpt")
     ids, mask = prompts(vocab=cfg.vocab_size)
     with LLM(str(tmp_path / "ckpt"), overrides=["model.dtype=float32"]) as llm:
