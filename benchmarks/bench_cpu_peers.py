@@ -99,8 +99,13 @@ def timing(who: str, B: int, P: int, G: int, prefill_s: float, total_s: float, *
                 total_tok_s=B * G / total_s, **extra)
 
 
+def best(runs: List[Dict]) -> Dict:
+    """The fastest of repeated runs (by total time): on a shared machine a slow run is interference."""
+    return min(runs, key=lambda r: r["total_s"])
+
+
 def run_graphgen(hf_dir: Path, ids: torch.Tensor, G: int, bits: Optional[int], executor: str,
-                 who: Optional[str] = None) -> Dict:
+                 who: Optional[str] = None, repeat: int = 1) -> Dict:
     """hf_dir: the bf16 HF directory (bits: graphgen's own 4 / 8-bit made from it), or a GGUF file
     run as it stores its matrices (Q4_1 on the int4 kernel)."""
     B, P = ids.shape
@@ -110,23 +115,26 @@ def run_graphgen(hf_dir: Path, ids: torch.Tensor, G: int, bits: Optional[int], e
         ov += [f"policy.compress_weight.bits={bits}", "policy.compress_weight.group_size=32"]
     with LLM(str(hf_dir), ov) as llm:
         llm.generate(ids[:, :8], max_new_tokens=2)  # warm-up; places (and packs) the weights
-        llm.generate(ids, max_new_tokens=G)
-        st, g = llm.last_stats, llm.graph
-        layers = range(1, g.graph["num_layers"])  # a step reads every layer but the embedding's rows
-        w_bytes = sum(g.nodes[(0, j, 0)]["w_bytes"] for j in layers)
-        return timing(who or "graphgen" + (f" {bits}-bit" if bits else ""), B, P, G, st["prefill_s"],
-                      st["prefill_s"] + st["decode_s"], weight_bytes=w_bytes, flops=prefill_flops(g))
+        runs = []
+        for _ in range(repeat):
+            llm.generate(ids, max_new_tokens=G)
+            st, g = llm.last_stats, llm.graph
+            layers = range(1, g.graph["num_layers"])  # a step reads every layer but the embedding's rows
+            w_bytes = sum(g.nodes[(0, j, 0)]["w_bytes"] for j in layers)
+            runs.append(timing(who or "graphgen" + (f" {bits}-bit" if bits else ""), B, P, G, st["prefill_s"],
+                               st["prefill_s"] + st["decode_s"], weight_bytes=w_bytes, flops=prefill_flops(g)))
+        return best(runs)
 
 
-def run_hf(hf_dir: Path, ids: torch.Tensor, G: int) -> Dict:
+def run_hf(hf_dir: Path, ids: torch.Tensor, G: int, repeat: int = 1) -> Dict:
     from transformers import AutoModelForCausalLM
 
     from common import hf_generate
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
     hf_generate(model, ids[:, :8], 2)  # warm-up
-    r = hf_generate(model, ids, G)
-    return timing("transformers", ids.shape[0], ids.shape[1], G, r.prefill_s, r.total_s)
+    runs = [hf_generate(model, ids, G) for _ in range(repeat)]
+    return best([timing("transformers", ids.shape[0], ids.shape[1], G, r.prefill_s, r.total_s) for r in runs])
 
 
 class LlamaCpp:
@@ -187,13 +195,16 @@ class LlamaCpp:
         self.lc.llama_model_free(self.model)
 
 
-def run_llama(path: Path, ids: torch.Tensor, G: int, threads: int, label: str) -> Dict:
+def run_llama(path: Path, ids: torch.Tensor, G: int, threads: int, label: str, repeat: int = 1) -> Dict:
     B, P = ids.shape
     lm = LlamaCpp(path, B, P, G, threads)
     try:
         lm.generate(ids[:, :8], 2)  # warm-up
-        prefill_s, total_s, _ = lm.generate(ids, G)
-        return timing(label, B, P, G, prefill_s, total_s, weight_bytes=lm.size)
+        runs = []
+        for _ in range(repeat):
+            prefill_s, total_s, _ = lm.generate(ids, G)
+            runs.append(timing(label, B, P, G, prefill_s, total_s, weight_bytes=lm.size))
+        return best(runs)
     finally:
         lm.close()
 
@@ -223,15 +234,16 @@ def one_workload(args, B: int, P: int, G: int) -> List[Dict]:
         print(f"  {r['who']:<18} prefill {r['prefill_tok_s']:8.1f}  decode {r['decode_tok_s']:7.1f}  "
               f"total {r['total_tok_s']:7.1f} tok/s   (load {os.getloadavg()[0]:.1f})", flush=True)
 
-    add(run_graphgen(paths["hf"], ids, G, None, args.executor))
-    add(run_llama(paths["bf16"], ids, G, threads, "llama.cpp bf16"))
+    n = args.repeat
+    add(run_graphgen(paths["hf"], ids, G, None, args.executor, repeat=n))
+    add(run_llama(paths["bf16"], ids, G, threads, "llama.cpp bf16", n))
     if not args.skip_hf:
-        add(run_hf(paths["hf"], ids, G))
+        add(run_hf(paths["hf"], ids, G, n))
     if not args.skip_compressed:
         for bits, key in ((8, "q8_0"), (4, "q4_1")):
-            add(run_graphgen(paths["hf"], ids, G, bits, args.executor))
-            add(run_llama(paths[key], ids, G, threads, f"llama.cpp {key.upper()}"))
-        add(run_graphgen(paths["q4_1"], ids, G, None, args.executor, "graphgen Q4_1 file"))  # the same file
+            add(run_graphgen(paths["hf"], ids, G, bits, args.executor, repeat=n))
+            add(run_llama(paths[key], ids, G, threads, f"llama.cpp {key.upper()}", n))
+        add(run_graphgen(paths["q4_1"], ids, G, None, args.executor, "graphgen Q4_1 file", n))  # the same file
     bw2, peak2 = read_bandwidth(), matmul_peak(torch.bfloat16)  # again: the load drifts; the best of both
     print(f"measured again: streaming read {bw2 / 1e9:.1f} GB/s, bf16 GEMM peak {peak2 / 1e12:.2f} TFLOP/s")
     report(rows, kv_bytes_per_step(paths["hf"], B, P, G), max(bw, bw2), max(peak, peak2))
@@ -276,7 +288,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch and llama.cpp threads")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-compressed", action="store_true", help="bf16 rows only")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per system; the fastest is reported")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     torch.set_num_threads(args.threads)
     if args.workload:
         B, P, G = (int(x) for x in args.workload.split(","))
@@ -284,7 +299,7 @@ def main() -> None:
         return
     for w in WORKLOADS:  # one process per workload: no state (allocator, caches, threads) carries over
         cmd = [sys.executable, __file__, "--workload", w, "--cache", args.cache, "--executor", args.executor,
-               "--threads", str(args.threads)] + ["--skip-hf"] * args.skip_hf + ["--skip-compressed"] * args.skip_compressed
+               "--threads", str(args.threads), "--repeat", str(args.repeat)] + ["--skip-hf"] * args.skip_hf + ["--skip-compressed"] * args.skip_compressed
         subprocess.run(cmd, check=True)
 
 
