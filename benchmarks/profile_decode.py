@@ -14,6 +14,7 @@ import collections
 import os
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -37,17 +38,19 @@ def mark_decode_ops(phase: str = "decode") -> None:
     Executor.execute = marked
 
 
-def per_op(prof, shapes: bool = False) -> collections.Counter:
-    """Self CPU microseconds of each op whose ancestors include a DECODE range (per op and input
-    shapes with `shapes`)."""
-    tot = collections.Counter()
+def per_op(prof, shapes: bool = False) -> Tuple[collections.Counter, collections.Counter]:
+    """Self CPU microseconds and calls of each op whose ancestors include a DECODE range (per op
+    and input shapes with `shapes`)."""
+    tot, calls = collections.Counter(), collections.Counter()
     for e in prof.events():
         a = e.cpu_parent
         while a is not None and a.name != "DECODE":
             a = a.cpu_parent
         if a is not None and e.name != "DECODE":
-            tot[f"{e.name} {e.input_shapes}" if shapes else e.name] += e.self_cpu_time_total
-    return tot
+            key = f"{e.name} {e.input_shapes}" if shapes else e.name
+            tot[key] += e.self_cpu_time_total
+            calls[key] += 1
+    return tot, calls
 
 
 def main() -> None:
@@ -84,13 +87,13 @@ def main() -> None:
     else:
         print(f"decode {B * n / plain:.1f} tok/s ({plain / n * 1e3:.1f} ms/step) unprofiled; "
               f"load average {os.getloadavg()[0]:.1f}")
-    tot = per_op(prof, args.shapes)
+    tot, calls = per_op(prof, args.shapes)
     total = sum(tot.values())
     w = 100 if args.shapes else 50
-    print(f"{'op (self CPU inside decode squares)':<{w}} {'ms/step':>8} {'%':>5}")
+    print(f"{'op (self CPU inside decode squares)':<{w}} {'ms/step':>8} {'%':>5} {'calls/step':>10}")
     for name, t in tot.most_common(args.rows):
-        print(f"{name[:w]:<{w}} {t / n / 1e3:8.2f} {100 * t / total:5.1f}")
-    print(f"{'all ops':<{w}} {total / n / 1e3:8.2f}")
+        print(f"{name[:w]:<{w}} {t / n / 1e3:8.2f} {100 * t / total:5.1f} {calls[name] / n:10.0f}")
+    print(f"{'all ops':<{w}} {total / n / 1e3:8.2f} {'':>5} {sum(calls.values()) / n:10.0f}")
 
 
 if __name__ == "__main__":

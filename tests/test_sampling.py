@@ -69,9 +69,12 @@ def test_greedy_is_argmax_and_ignores_warpers():
 def test_greedy_on_bfloat16_logits_is_the_float32_argmax():
     """The heads return logits in the compute dtype; greedy takes them as they are (ties included:
     rounding to bfloat16 makes many)."""
-    logits = random_logits(5, B=16, V=1000).to(torch.bfloat16)
+    logits = random_logits(5, B=16, V=49152).to(torch.bfloat16)
     s = Sampling(do_sample=False)
     assert torch.equal(select_tokens(logits, s), logits.float().argmax(-1))
+    first = torch.arange(16) * 3000 + 7
+    logits[torch.arange(16), first] = logits[torch.arange(16), first + 999] = 100.0  # tied maxima
+    assert torch.equal(select_tokens(logits, s), first)
     lp = token_logprobs(logits, select_tokens(logits, s), s)
     assert lp.dtype == torch.float32 and torch.allclose(lp, torch.log_softmax(logits.float(), -1).max(-1).values)
 
