@@ -34,6 +34,9 @@ class Heads:
     def sample(self, n, logits: torch.Tensor) -> None:
         i, _, k = n
         st, s = self.state, self.state.inputs.sampling
+        if not s.do_sample and not st.inputs.return_logprobs:  # greedy where the logits are: B ids cross, not B x V
+            st.tokens[k].append(select_tokens(logits, s).cpu())
+            return
         logits = logits.cpu()
         if st.inputs.row_seeds is not None and s.do_sample:  # each row its own stream of randomness
             seeds = st.inputs.row_seeds[k].tolist()
