@@ -49,7 +49,7 @@ from ..compile import spec_for
 from ..config import compose
 from ..costs import kv_slice_bytes
 from . import checks, probes, profile as hp
-from .costmodel import attention_flops
+from .costmodel import CostModel, attention_flops
 from .probes import run_ahead
 
 # probe jobs: (model conf, overrides); few decoder blocks keep dummy weights and runs short
@@ -82,11 +82,13 @@ QUANTILE = 0.5  # of each group's durations: a run's time is the sum of its ops,
 # so the typical op predicts it (the 20th percentile, tried first, fits an undisturbed machine and
 # over-predicted throughput by ~10% on this shared one)
 COMPUTE_KEYS = ("compute_overhead_s", "attn_overhead_s", "device_flops", "device_bmm_flops", "device_mm_bw",
-                "device_flops_decode", "device_attn_bw", "cpu_attn_bw", "plain_weight_bw", "plain_flops")
+                "device_flops_decode", "device_attn_bw", "cpu_attn_bw", "plain_weight_bw", "plain_flops", "kv_join_bw")
 
 
-def square_features(graph, a: dict) -> np.ndarray:
-    """One square's regressors, in COMPUTE_KEYS order (as graphgen.perf.costmodel prices it)."""
+def square_features(graph, a: dict, same_memory: bool = True) -> np.ndarray:
+    """One square's regressors, in COMPUTE_KEYS order (as graphgen.perf.costmodel prices it).
+    same_memory (a CPU-only machine): attention delegated to the host runs the device's kernel in
+    the device's memory, so it shares device_attn_bw (fitted from every decode attention square)."""
     spec, sh = graph.graph["spec"], graph.graph["shape"]
     attn = attention_flops(graph, a)
     mm = a["flops"] - attn
@@ -103,7 +105,10 @@ def square_features(graph, a: dict) -> np.ndarray:
                 f[9] = mm  # the plain, unfused kernels
     if a["kind"] == "attn":
         if decode:
-            f[7 if a.get("attn_device") == "host" else 6] = kv_slice_bytes(spec, sh, a["ctx"])
+            dense = kv_slice_bytes(spec, sh, a["ctx"])
+            f[7 if a.get("attn_device") == "host" and not same_memory else 6] = dense
+            if CostModel.joins(a):
+                f[10] = dense  # the loaded prefix copied into the head-major scratch first
         else:
             f[3] = attn
     return f
@@ -167,7 +172,7 @@ def disk_overlap(events) -> Dict[int, float]:
     return out
 
 
-def groups(run: Dict) -> Tuple[List, List, List, Dict[str, List]]:
+def groups(run: Dict, same_memory: bool = True) -> Tuple[List, List, List, Dict[str, List]]:
     """Per square shape: features (COMPUTE_KEYS, then the disk I/O seconds beside it), the QUANTILE
     of its durations (and of that I/O), its op count; disk ops per direction."""
     g = run["graph"]
@@ -175,20 +180,21 @@ def groups(run: Dict) -> Tuple[List, List, List, Dict[str, List]]:
     sq: Dict[tuple, List[float]] = defaultdict(list)
     beside: Dict[tuple, List[float]] = defaultdict(list)
     feats: Dict[tuple, np.ndarray] = {}
-    disk: Dict[str, List] = {"read": [], "write": []}
+    disk: Dict[str, List] = {"read": [], "read_cache": [], "write": []}
     overlap = disk_overlap(run["events"])
     for n, e in enumerate(run["events"]):
         if e.stream not in ("load", "compute", "store"):
             continue
         a = A[e.name]
         if e.stream == "compute":
-            f = square_features(g, a)
+            f = square_features(g, a, same_memory)
             key = tuple(f)
             feats[key] = f
             sq[key].append(e.end - e.start)
             beside[key].append(overlap.get(n, 0.0))
         elif "disk" in (a["src"], a["dst"]) and a["bytes"]:
-            disk["read" if a["src"] == "disk" else "write"].append((a["bytes"], e.end - e.start))
+            direction = "write" if a["src"] != "disk" else "read_cache" if a["tensor"][0] == "kv" else "read"
+            disk[direction].append((a["bytes"], e.end - e.start))
     keys = sorted(sq)
     return ([np.append(feats[k], np.quantile(beside[k], QUANTILE)) for k in keys],
             [float(np.quantile(sq[k], QUANTILE)) for k in keys], [len(sq[k]) for k in keys], disk)
@@ -229,17 +235,19 @@ def inline_io(runs: List[Dict], memcpy_bw: float) -> float:
     return max(0.0, statistics.median(extra)) if extra else 0.0
 
 
-def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0) -> Tuple[Dict[str, float], Dict]:
+def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0,
+        same_memory: bool = True) -> Tuple[Dict[str, float], Dict]:
     """The calibrated keys from traced runs (memcpy_bw: the profile's host_memcpy_bw, which
-    prices the bytes of the inline copies)."""
-    X, y, share, reads, writes, gaps = [], [], [], [], [], []
+    prices the bytes of the inline copies; same_memory: the runs' device is the host CPU)."""
+    X, y, share, reads, cache_reads, writes, gaps = [], [], [], [], [], [], []
     for r in runs:
-        f, t, n, d = groups(r)
+        f, t, n, d = groups(r, same_memory)
         X += f
         y += t
         total = sum(a * b for a, b in zip(t, n))
         share += [a * b / total for a, b in zip(t, n)]  # each run's time, split by where it goes
         reads += d["read"]
+        cache_reads += d["read_cache"]
         writes += d["write"]
         if not any("disk" in getattr(e, "link", "") for e in r["events"]):  # in memory: no waits for I/O
             gaps.append(between_squares(r))
@@ -249,13 +257,16 @@ def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0) -> Tuple[Dict[str,
     names = {"device_flops": f"device_flops_{dtype}", "device_bmm_flops": f"device_bmm_flops_{dtype}",
              "device_mm_bw": f"device_mm_bw_{dtype}", "device_flops_decode": f"device_flops_decode_{dtype}",
              "device_attn_bw": f"device_attn_bw_{dtype}", "cpu_attn_bw": f"cpu_attn_bw_{dtype}",
-             "plain_weight_bw": f"plain_weight_bw_{dtype}", "plain_flops": f"plain_flops_{dtype}"}
+             "plain_weight_bw": f"plain_weight_bw_{dtype}", "plain_flops": f"plain_flops_{dtype}",
+             "kv_join_bw": f"kv_join_bw_{dtype}"}
     out["compute_io_contention"] = float(c[len(COMPUTE_KEYS)])  # seconds per second of disk I/O beside
     for key, v in zip(COMPUTE_KEYS, c):
         if key.endswith("_s"):
             out[key] = float(v)
         else:  # a rate; a zero coefficient: that term never mattered, so it is free
             out[names[key]] = float(1 / v) if v > 1e-18 else 1e18
+    if same_memory:  # delegated attention is the device's kernel in the device's memory
+        out[names["cpu_attn_bw"]] = out[names["device_attn_bw"]]
     gap = statistics.median(gaps) if gaps else 0.0
     out["compute_overhead_s"] += gap
     out["inline_io_s"] = inline_io(runs, memcpy_bw)
@@ -265,10 +276,18 @@ def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0) -> Tuple[Dict[str,
             lat, inv = fit_relative(b, np.array([t for _, t in pts]))
             out[f"disk_{direction}_bw"] = float(1 / inv) if inv > 1e-18 else 1e18
             out["disk_latency_s" if direction == "read" else "disk_write_latency_s"] = float(lat)
+    if len(cache_reads) >= 2:  # the KV cache's prefix reads, at the read latency just fitted
+        lat = out.get("disk_latency_s", 0.0)
+        n, t = np.array([[float(n)] for n, _ in cache_reads]), np.array([t - lat for _, t in cache_reads])
+        keep = t > 0
+        if keep.sum() >= 2:
+            inv = fit_relative(n[keep], t[keep])[0]
+            out["disk_read_cache_bw"] = float(1 / inv) if inv > 1e-18 else 1e18
     pred = X @ c
     err = pred / y - 1
     quality = {"squares": int(len(y)), "median_abs_rel_err": float(np.median(np.abs(err))),
-               "gap_s": gap, "disk_reads": len(reads), "disk_writes": len(writes)}
+               "gap_s": gap, "disk_reads": len(reads), "disk_cache_reads": len(cache_reads),
+               "disk_writes": len(writes)}
     return out, quality
 
 
@@ -293,7 +312,8 @@ def calibrate(dtype: str = "bfloat16", offload_dir: Optional[str] = None, device
         if verbose:
             st = runs[-1]["stats"]
             print(f"  probe {runs[-1]['name']}: {st['total_tok_s']:.1f} tok/s", flush=True)
-    keys, quality = fit(runs, dtype, record["profile"].get("host_memcpy_bw", 0.0))
+    keys, quality = fit(runs, dtype, record["profile"].get("host_memcpy_bw", 0.0),
+                        same_memory=bool(record["profile"].get("device_is_host")))
     fitted.update(keys)
     record["profile"].update(fitted, calibrated=1.0)
     record["meta"]["calibration"] = {"runs": [r["name"] for r in runs], "fit": quality, "dtype": dtype}

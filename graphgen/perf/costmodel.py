@@ -167,7 +167,18 @@ class CostModel:
             self.put(out, f"attention ({where})", dense / self.attention_bw(where, batch, hidden), dense, where)
             if a.get("kv_compressed") and self.p.get("dequant_bw"):
                 out["dequant"] = out.get("dequant", 0.0) + dense / self.p["dequant_bw"]
+            elif self.joins(a) and self.p.get(f"kv_join_bw_{self.dtype}"):
+                out["cache join"] = dense / self.p[f"kv_join_bw_{self.dtype}"]
         return out
+
+    @staticmethod
+    def joins(a: dict) -> bool:
+        """Does this decode attention square copy its cache into a scratch buffer first? A prefix
+        loaded from another tier than the one attention runs in (kv_buf) is joined with the new
+        slice into a head-major buffer (executors/attention.py AttentionGlue.joined); a cache at
+        home where attention runs is read in place. (A compressed prefix is dequantised into that
+        buffer instead: priced at dequant_bw.)"""
+        return a.get("kv_buf") is not None and not a.get("kv_compressed")
 
     def compute_s(self, a: dict, attn_flops: float, kv_dense: int = 0, batch: int = 64,
                   hidden: int = 4096) -> float:

@@ -87,6 +87,10 @@ PROFILE_KEYS: Dict[str, str] = {
                            "on weights that are not prepacked pays (oneDNN's plain, unfused path) (FLOP/s)",
     "inline_io_s": "optional, fitted by graphgen.perf.calibrate: seconds of a load or store within RAM run "
                    "inline on the compute stream (CPU), beyond the slice a store writes at host_memcpy_bw (s)",
+    "kv_join_bw_<dtype>": "optional, fitted by graphgen.perf.calibrate: cache bytes/s of the copy a decode attention "
+                          "square makes of a prefix loaded from another tier (and its new slice) into a head-major "
+                          "scratch buffer before attending (executors/attention.py joined); a cache read in place "
+                          "pays none (bytes/s)",
     "compute_io_contention": "optional, fitted by graphgen.perf.calibrate: seconds a compute square runs longer "
                              "per second of disk I/O beside it (I/O threads taking cores from compute) (s/s)",
     # optional refinements, present in published profiles only; consumers fall back to the key in ()
@@ -94,7 +98,8 @@ PROFILE_KEYS: Dict[str, str] = {
                     "activations (bytes/s; FlexGen gtoc_bdw_cache; else d2h_bw)",
     "disk_write_latency_s": "optional: seconds per disk write request, fitted by graphgen.perf.calibrate "
                             "(the cache's slice writes are buffered; else disk_latency_s)",
-    "disk_read_cache_bw": "optional: disk -> host read of KV cache (bytes/s; else disk_read_bw)",
+    "disk_read_cache_bw": "optional: disk -> host read of KV cache, a prefix of a file written slice by slice "
+                          "(fitted by graphgen.perf.calibrate from the cache reads; bytes/s; else disk_read_bw)",
     "disk_write_cache_bw": "optional: host -> disk write of prefill KV cache "
                            "(bytes/s; FlexGen ctod_bdw_cache_p; else disk_write_bw)",
     "cpu_attn_c1": "optional: FlexGen's fitted correction of cpu_attn_bw for small GPU batches gbs and "
