@@ -164,12 +164,20 @@ def stream_times(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Tuple
         nb * dev_attn["attn"]) + var("cc", "cn") * (nb * cpu_attn["attn"] if host_attn else 0.0)
     if kn.compress:  # the layer's first square dequantises its weights into the working copy
         compute = compute + const(w_loads * a["w_dense"] * P.dequant)
+    else:  # CPU: weights loaded from the host or disk tier are not prepacked (CostModel.reorder_s)
+        compute = compute + var("wc", "wn") * (nb * _plain_s(P, a, kn))
+    if kind == "attn" and phase == "decode" and not kn.compress:  # a loaded prefix is joined first
+        compute = compute + (var("cn") + var("cc") * (0.0 if host_attn else 1.0)) * (nb * _join_s(P, a, kn))
+    compute = compute + _inline(P, a, kn, kind, phase, w_loads, host_attn)
     store = Lin()
+    if phase == "decode":  # the cache prefixes a decode step reads, in the slots they overlap
+        reads = nb - 1 if kind == "attn" else 0.0  # GPU batch k + 1's, beside batch k's square
+        if NEXT[kind] == "attn" and "attn" in P.kinds:  # batch 0's, beside the layer before
+            reads += P.count["attn"] / sum(P.count[k] for k in P.kinds if NEXT[k] == "attn")
+        rd, cpu = reads * L[("attn", phase)]["kv_read"], kn.cpu_attention
+        load = load + var("cn") * (rd * (P.dr_kv + (0.0 if cpu else P.h2d)) + reads * lat) + var("cc") * (
+            0.0 if cpu else rd * P.h2d)
     if kind == "attn":
-        if phase == "decode":
-            rd = nb * a["kv_read"]
-            load = load + var("cn") * (rd * (P.dr_kv + (0.0 if host_attn else P.h2d)) + nb * lat) + var("cc") * (
-                0.0 if host_attn else rd * P.h2d)
         wr = nb * a["kv_write"]
         d2h = 0.0 if host_attn else P.d2h_kv
         store = var("cc") * (wr * d2h) + var("cn") * (wr * (d2h + P.dw_kv) + nb * P.wlatency)
@@ -193,6 +201,47 @@ def _attention(P: Problem, a: dict, kn: Knobs) -> Tuple[Dict[str, float], Dict[s
         attn = sum(v for k, v in parts.items() if k.startswith("attention ("))
         out.append({"base": sum(parts.values()) - attn, "attn": attn})
     return out[0], out[1]
+
+
+def _plain_s(P: Problem, a: dict, kn: Knobs) -> float:
+    """Seconds one square's matmuls pay beyond the prepacked ones when its dense weights come from
+    the host or disk tier (CPU: CostModel.reorder_s in decode, plain_prefill_s in prefill)."""
+    if not a["flops"]:
+        return 0.0
+    attn = attention_flops_of(P.spec, P.shape(kn.gbs), a)
+    host, dev = (P.model.compute_parts(dict(a, w_home=home), attn) for home in ("host", "device"))
+    return sum(host.values()) - sum(dev.values())
+
+
+def _join_s(P: Problem, a: dict, kn: Knobs) -> float:
+    """Seconds a decode attention square copies a loaded prefix into its scratch (CostModel.joins)."""
+    rate = P.model.opt(f"kv_join_bw_{P.model.dtype}")
+    return kv_slice_bytes(P.spec, P.shape(kn.gbs), a["ctx"]) / rate if rate else 0.0
+
+
+def _inline(P: Problem, a: dict, kn: Knobs, kind: str, phase: str, w_loads: int, host_attn: bool) -> Lin:
+    """CPU: loads and stores within RAM run inline on the compute stream (passes/insert_io.py), each
+    at CostModel.io_s: inline_io_s, plus for a store the bytes it writes at host_memcpy_bw. Per layer
+    and step: the layer's weight loads from the host tier; the cache slice every attention square
+    stores where it is not on disk, and the prefix it loads from the host tier to attention on the
+    device; the activation loaded in from, and stored out to, the host tier."""
+    if not P.same_memory:
+        return Lin()
+    bw = P.model.opt("host_memcpy_bw")
+    op, per_byte = P.model.opt("inline_io_s"), 1 / bw if bw else 0.0
+    if not (op or per_byte):
+        return Lin()
+    nb = kn.ngb
+    out = var("wc") * (w_loads * op)
+    if kind == "attn":
+        out = out + var("cg", "cc") * (nb * (op + a["kv_write"] * per_byte))
+        if phase == "decode" and not host_attn:
+            out = out + var("cc") * (nb * op)
+    if kind != "embed":
+        out = out + var("hc") * (nb * op)
+    if kind != "head":
+        out = out + var("hc") * (nb * (op + a["act_bytes"] * per_byte))
+    return out
 
 
 def memory_rows(P: Problem, L: Dict, kn: Knobs) -> Dict[str, Lin]:
@@ -245,18 +294,12 @@ def solve_lp(P: Problem, kn: Knobs, budgets: Dict[str, float]) -> Optional[Tuple
 
     c = np.zeros(len(names))
     moves = _moves_view(P)
-    kappa, disk = P.model.opt("compute_io_contention"), _disk_view(P)
     for k in P.kinds:
         for ph in PHASES:
             weight = P.count[k] * (1 if ph == "prefill" else P.n - 1)
-            load, compute, store = stream_times(P, L, kn, k, ph)
-            for expr in (load, compute, store):
+            for expr in layer_bounds(P, L, kn, k, ph):
                 le(expr + var(f"T_{k}_{ph}") * -1.0, 0.0)
-            if kappa:  # compute slowed by the disk I/O beside it (at most all of it overlaps)
-                load_d, _, store_d = stream_times(disk, L, kn, k, ph)
-                le(compute + (load_d + store_d) * kappa + var(f"T_{k}_{ph}") * -1.0, 0.0)
-            if moves is not P:  # one-memory machine: moves priced for the tie-break only
-                load, _, store = stream_times(moves, L, kn, k, ph)
+            load, _, store = stream_times(moves, L, kn, k, ph)  # one memory: moves priced for the tie-break only
             for v, coef in (load + store).items():  # tie-break: of equally fast placements, the one
                 if v is not None:                    # that moves the fewest bytes (the LP is degenerate)
                     c[idx[v]] += TIE * weight * coef
@@ -276,6 +319,32 @@ def solve_lp(P: Problem, kn: Knobs, budgets: Dict[str, float]) -> Optional[Tuple
     block_s = sum(x[f"T_{k}_{ph}"] * P.count[k] * (1 if ph == "prefill" else P.n - 1)
                   for k in P.kinds for ph in PHASES)
     return _percent(x), tok_s(P, kn, block_s)
+
+
+def layer_bounds(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> List[Lin]:
+    """The lower bounds of one layer's time per step: each stream's seconds, and (with a calibrated
+    compute_io_contention) compute slowed by the disk I/O beside it (at most all of it overlaps)."""
+    load, compute, store = stream_times(P, L, kn, kind, phase)
+    out = [load, compute, store]
+    kappa = P.model.opt("compute_io_contention")
+    if kappa:
+        load_d, _, store_d = stream_times(_disk_view(P), L, kn, kind, phase)
+        out.append(compute + (load_d + store_d) * kappa)
+    return out
+
+
+def policy_tok_s(P: Problem, kn: Knobs, percent: List[float]) -> float:
+    """The LP's throughput for one given placement (FlexGen's six percents; the rest on disk): what
+    the LP predicts for a policy it did not choose, to compare with the simulator's."""
+    x = {}
+    for (dev, host, disk), i in ((("wg", "wc", "wn"), 0), (("cg", "cc", "cn"), 2), (("hg", "hc", "hn"), 4)):
+        x[dev], x[host] = percent[i] / 100, percent[i + 1] / 100
+        x[disk] = max(0.0, 1.0 - x[dev] - x[host])
+    value = lambda e: sum(v * (x[k] if k is not None else 1.0) for k, v in e.items())  # noqa: E731
+    L = P.layers(kn.gbs, kn.compress)
+    block_s = sum(max(value(e) for e in layer_bounds(P, L, kn, k, ph)) * P.count[k] * (1 if ph == "prefill" else P.n - 1)
+                  for k in P.kinds for ph in PHASES)
+    return tok_s(P, kn, block_s)
 
 
 def _moves_view(P: Problem) -> Problem:
