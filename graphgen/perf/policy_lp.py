@@ -151,13 +151,20 @@ class _OneLayer:
 NEXT = {"embed": "attn", "attn": "mlp", "mlp": "attn", "head": "embed"}  # whose weights load during a layer
 
 
-def stream_times(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Tuple[Lin, Lin, Lin]:
-    """Seconds of one layer of `kind` over all GPU batches, per stream: (load, compute, store)."""
+def stream_times(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Dict[str, Tuple[Lin, Lin, Lin]]:
+    """Seconds of one slot (one square) of a layer of `kind`, per stream: (load, compute, store), for
+    its two kinds of slot. The async executor issues a slot's loads for the next square and runs them
+    beside that slot's compute only (graphgen/streams.py: a load waits for the compute of the slot
+    before its own), so a layer's time per step is (ngb - 1) 'own' slots, whose loads are for the
+    layer's next GPU batch (its cache prefix and activation), plus one 'next' slot, whose loads are
+    for the next layer's first square (its weights, cache prefix and activation). Compute and stores
+    are the layer's over all GPU batches, spread evenly over its slots."""
     a, nb = L[(kind, phase)], kn.ngb
-    nxt = L[(NEXT[kind] if NEXT[kind] in P.kinds else kind, phase)]
-    w_loads = 1 if P.cfg.schedule.name == "zigzag" else nb  # zig-zag: one weight load per layer and step
-    w, lat = nxt["w_bytes"] * w_loads, P.latency  # a fraction on disk = that share of the ops go to disk
-    load = var("wc") * (w * P.h2d) + var("wn") * (w * (P.dr + P.h2d) + w_loads * lat)
+    nk = NEXT[kind] if NEXT[kind] in P.kinds else kind
+    nxt = L[(nk, phase)]
+    zigzag = P.cfg.schedule.name == "zigzag"
+    w_loads = 1 if zigzag else nb  # zig-zag: one weight load per layer and step
+    lat = P.latency  # a fraction on disk = that share of the ops go to disk
     host_attn = kn.cpu_attention and phase == "decode" and kind == "attn"
     dev_attn, cpu_attn = _attention(P, a, kn)
     compute = const(nb * (dev_attn["base"])) + (var("cg") + (var("cc", "cn") * (0.0 if host_attn else 1.0))) * (
@@ -170,24 +177,36 @@ def stream_times(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Tuple
         compute = compute + (var("cn") + var("cc") * (0.0 if host_attn else 1.0)) * (nb * _join_s(P, a, kn))
     compute = compute + _inline(P, a, kn, kind, phase, w_loads, host_attn)
     store = Lin()
-    if phase == "decode":  # the cache prefixes a decode step reads, in the slots they overlap
-        reads = nb - 1 if kind == "attn" else 0.0  # GPU batch k + 1's, beside batch k's square
-        if NEXT[kind] == "attn" and "attn" in P.kinds:  # batch 0's, beside the layer before
-            reads += P.count["attn"] / sum(P.count[k] for k in P.kinds if NEXT[k] == "attn")
-        rd, cpu = reads * L[("attn", phase)]["kv_read"], kn.cpu_attention
-        load = load + var("cn") * (rd * (P.dr_kv + (0.0 if cpu else P.h2d)) + reads * lat) + var("cc") * (
-            0.0 if cpu else rd * P.h2d)
     if kind == "attn":
         wr = nb * a["kv_write"]
         d2h = 0.0 if host_attn else P.d2h_kv
         store = var("cc") * (wr * d2h) + var("cn") * (wr * (d2h + P.dw_kv) + nb * P.wlatency)
-    if kind != "embed":  # the activation in, from its home
-        load = load + var("hc") * (nb * a["act_in"] * P.h2d) + var("hn") * (
-            nb * a["act_in"] * (P.dr + P.h2d) + nb * lat)
     if kind != "head":
         out = nb * a["act_bytes"]
         store = store + var("hc") * (out * P.d2h) + var("hn") * (out * (P.d2h + P.dw) + nb * P.wlatency)
-    return load, compute, store
+    share = 1.0  # attention layers' cache prefixes per layer that carries them (attention follows it)
+    if nk == "attn" and kind != "attn":
+        share = P.count["attn"] / sum(P.count[k] for k in P.kinds if NEXT[k] == "attn")
+    w = nxt["w_bytes"]
+    after = _square_loads(P, nxt, kn, phase, share) + var("wc") * (w * P.h2d) + var("wn") * (
+        w * (P.dr + P.h2d) + lat)
+    # zig-zag: the layer's next GPU batch follows; otherwise (row by row) every square is followed by the
+    # next layer's, whose weights it loads again
+    own = _square_loads(P, a, kn, phase) if zigzag else after
+    return {"own": (own, compute * (1 / nb), store * (1 / nb)), "next": (after, compute * (1 / nb), store * (1 / nb))}
+
+
+def _square_loads(P: Problem, a: dict, kn: Knobs, phase: str, kv_share: float = 1.0) -> Lin:
+    """The loads one square of layer `a` needs: its activation in from its home and, in decode, the
+    cache prefix its attention reads (kv_share of it: see stream_times)."""
+    load, lat = Lin(), P.latency
+    if a["kind"] != "embed":
+        load = var("hc") * (a["act_in"] * P.h2d) + var("hn") * (a["act_in"] * (P.dr + P.h2d) + lat)
+    if a["kind"] == "attn" and phase == "decode":
+        rd, cpu = kv_share * a["kv_read"], kn.cpu_attention
+        load = load + var("cn") * (rd * (P.dr_kv + (0.0 if cpu else P.h2d)) + kv_share * lat) + var("cc") * (
+            0.0 if cpu else rd * P.h2d)
+    return load
 
 
 def _attention(P: Problem, a: dict, kn: Knobs) -> Tuple[Dict[str, float], Dict[str, float]]:
@@ -279,7 +298,7 @@ def _kv_read_at_end(P: Problem, sh: Shape, kn: Knobs) -> int:
 def solve_lp(P: Problem, kn: Knobs, budgets: Dict[str, float]) -> Optional[Tuple[List[float], float]]:
     """(percent, LP throughput in tok/s) of the best placement for these knobs, None if none fits."""
     L = P.layers(kn.gbs, kn.compress)
-    tvars = [f"T_{k}_{ph}" for k in P.kinds for ph in PHASES]
+    tvars = [f"{t}_{k}_{ph}" for t in SLOT_VAR.values() for k in P.kinds for ph in PHASES]
     names = list(FRACTIONS) + tvars
     idx = {v: i for i, v in enumerate(names)}
     A_ub, b_ub = [], []
@@ -297,39 +316,50 @@ def solve_lp(P: Problem, kn: Knobs, budgets: Dict[str, float]) -> Optional[Tuple
     for k in P.kinds:
         for ph in PHASES:
             weight = P.count[k] * (1 if ph == "prefill" else P.n - 1)
-            for expr in layer_bounds(P, L, kn, k, ph):
-                le(expr + var(f"T_{k}_{ph}") * -1.0, 0.0)
-            load, _, store = stream_times(moves, L, kn, k, ph)  # one memory: moves priced for the tie-break only
-            for v, coef in (load + store).items():  # tie-break: of equally fast placements, the one
-                if v is not None:                    # that moves the fewest bytes (the LP is degenerate)
-                    c[idx[v]] += TIE * weight * coef
+            for slot, count in _slots(kn):
+                for expr in layer_bounds(P, L, kn, k, ph)[slot]:
+                    le(expr + var(f"{SLOT_VAR[slot]}_{k}_{ph}") * -1.0, 0.0)
+                load, _, store = stream_times(moves, L, kn, k, ph)[slot]  # one memory: moves, for the tie-break only
+                for v, coef in (load + store).items():  # tie-break: of equally fast placements, the one
+                    if v is not None:                    # that moves the fewest bytes (the LP is degenerate)
+                        c[idx[v]] += TIE * weight * count * coef
     for tier, expr in memory_rows(P, L, kn).items():
         le(expr, budgets["host" if tier == "pinned" else tier] if tier != "pinned" else P.pinned)
     A_eq = np.zeros((3, len(names)))
     for r, group in enumerate((FRACTIONS[0:3], FRACTIONS[3:6], FRACTIONS[6:9])):
         A_eq[r, [idx[g] for g in group]] = 1.0
     for k in P.kinds:
-        c[idx[f"T_{k}_prefill"]] = P.count[k]
-        c[idx[f"T_{k}_decode"]] = P.count[k] * (P.n - 1)
+        for ph in PHASES:
+            for slot, count in _slots(kn):
+                c[idx[f"{SLOT_VAR[slot]}_{k}_{ph}"]] = P.count[k] * (1 if ph == "prefill" else P.n - 1) * count
     res = linprog(c, A_ub=np.array(A_ub), b_ub=np.array(b_ub), A_eq=A_eq, b_eq=np.ones(3),
                   bounds=[(0, 1)] * len(FRACTIONS) + [(0, None)] * len(tvars), method="highs")
     if res.status != 0:
         return None
     x = dict(zip(names, res.x))
-    block_s = sum(x[f"T_{k}_{ph}"] * P.count[k] * (1 if ph == "prefill" else P.n - 1)
-                  for k in P.kinds for ph in PHASES)
+    block_s = sum(x[f"{SLOT_VAR[slot]}_{k}_{ph}"] * count * P.count[k] * (1 if ph == "prefill" else P.n - 1)
+                  for k in P.kinds for ph in PHASES for slot, count in _slots(kn))
     return _percent(x), tok_s(P, kn, block_s)
 
 
-def layer_bounds(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> List[Lin]:
-    """The lower bounds of one layer's time per step: each stream's seconds, and (with a calibrated
-    compute_io_contention) compute slowed by the disk I/O beside it (at most all of it overlaps)."""
-    load, compute, store = stream_times(P, L, kn, kind, phase)
-    out = [load, compute, store]
-    kappa = P.model.opt("compute_io_contention")
-    if kappa:
-        load_d, _, store_d = stream_times(_disk_view(P), L, kn, kind, phase)
-        out.append(compute + (load_d + store_d) * kappa)
+SLOT_VAR = {"next": "T", "own": "U"}  # LP variables: a layer's slot time, by slot kind (stream_times)
+
+
+def _slots(kn: Knobs) -> List[Tuple[str, int]]:
+    """(slot kind, slots of a layer per step): one 'next' slot, ngb - 1 'own' ones."""
+    return [("next", 1)] + ([("own", kn.ngb - 1)] if kn.ngb > 1 else [])
+
+
+def layer_bounds(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Dict[str, List[Lin]]:
+    """Per slot kind (stream_times), the lower bounds of its time: each stream's seconds, and (with a
+    calibrated compute_io_contention) compute slowed by the disk I/O beside it (at most all of it)."""
+    kappa, out = P.model.opt("compute_io_contention"), {}
+    disk = stream_times(_disk_view(P), L, kn, kind, phase) if kappa else {}
+    for slot, (load, compute, store) in stream_times(P, L, kn, kind, phase).items():
+        out[slot] = [load, compute, store]
+        if kappa:
+            load_d, _, store_d = disk[slot]
+            out[slot].append(compute + (load_d + store_d) * kappa)
     return out
 
 
@@ -342,8 +372,12 @@ def policy_tok_s(P: Problem, kn: Knobs, percent: List[float]) -> float:
         x[disk] = max(0.0, 1.0 - x[dev] - x[host])
     value = lambda e: sum(v * (x[k] if k is not None else 1.0) for k, v in e.items())  # noqa: E731
     L = P.layers(kn.gbs, kn.compress)
-    block_s = sum(max(value(e) for e in layer_bounds(P, L, kn, k, ph)) * P.count[k] * (1 if ph == "prefill" else P.n - 1)
-                  for k in P.kinds for ph in PHASES)
+    block_s = 0.0
+    for k in P.kinds:
+        for ph in PHASES:
+            bounds = layer_bounds(P, L, kn, k, ph)
+            block_s += P.count[k] * (1 if ph == "prefill" else P.n - 1) * sum(
+                count * max(value(e) for e in bounds[slot]) for slot, count in _slots(kn))
     return tok_s(P, kn, block_s)
 
 

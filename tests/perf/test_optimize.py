@@ -115,3 +115,62 @@ def test_contention_lowers_the_lp_estimate_of_placements_that_read_from_disk():
             assert slow[1] < base[1] * 0.999
         else:
             assert slow[1] == pytest.approx(base[1])
+
+
+# a CPU-only machine as graphgen.perf.calibrate fits it: one memory, weights outside the device tier not
+# prepacked, copies within RAM inline on the compute stream, a loaded cache prefix joined into a scratch
+# buffer, the cache read from disk at its own rate, compute slowed beside disk I/O
+CPU = dict(PROFILE, device_is_host=1.0, cpu_attn_bw=2e10, device_mem_bw=2e10, host_memcpy_bw=5e9, inline_io_s=2e-5,
+           plain_weight_bw_float32=4e9, plain_flops_float32=4e11, kv_join_bw_float32=3e9, disk_read_cache_bw=6e8,
+           compute_io_contention=0.4, calibrated=1.0, device_mm_bw_float32=1e10)
+CPU_TERMS = ("plain_weight_bw_float32", "plain_flops_float32", "inline_io_s", "host_memcpy_bw", "kv_join_bw_float32")
+
+
+def _cpu_policy(percent, cpu_attention=False, profile=CPU):
+    cfg = tiny_cfg(extra=["hardware.device=cpu", f"policy.percent={percent}", "policy.gpu_batch_size=4",
+                          "policy.num_gpu_batches=2", f"policy.cpu_attention={str(cpu_attention).lower()}"])
+    cfg.hardware.profile = dict(profile)
+    P = Problem(cfg, dict(profile))
+    kn = Knobs(4, 2, cpu_attention, False)
+    return cfg, P, kn
+
+
+@pytest.mark.parametrize("percent,cpu_attention,rel", [
+    ("[100,0,100,0,100,0]", False, 0.01),  # in memory
+    ("[0,100,100,0,100,0]", False, 0.01),  # weights on the host tier: not prepacked, loads inline
+    ("[100,0,100,0,0,100]", False, 0.01),  # activations on the host tier: inline loads and stores
+    ("[100,0,0,100,100,0]", False, 0.01),  # the cache on the host, attention on the device: loaded, joined
+    ("[0,100,0,100,100,0]", True, 0.01),  # weights and cache on the host, CPU attention over it in place
+    ("[40,60,0,100,100,0]", True, 0.05),  # whole layers placed: 40% of 4 blocks' bytes is not 40% of each
+    ("[100,0,0,0,100,0]", True, 0.10),  # the cache on disk: read at its rate, joined, beside compute
+    ("[0,0,100,0,100,0]", False, 0.10),  # the weights on disk
+])
+def test_lp_prices_a_policy_as_the_simulator(percent, cpu_attention, rel):
+    """For a given placement the LP's throughput (policy_tok_s) is the simulator's: the same CPU terms
+    (plain weights, inline copies, the cache join) and the executor's one-slot prefetch. With I/O on disk
+    they differ by how much of it overlaps, which the simulator follows op by op."""
+    from graphgen.perf.policy_lp import policy_tok_s
+    from graphgen.perf.simulate import predict
+
+    cfg, P, kn = _cpu_policy(percent, cpu_attention)
+    assert policy_tok_s(P, kn, list(cfg.policy.percent)) == pytest.approx(predict(cfg).total_tok_s, rel=rel)
+
+
+@pytest.mark.parametrize("percent,cpu_attention,keys", [
+    ("[0,100,100,0,100,0]", False, ("plain_weight_bw_float32", "plain_flops_float32", "inline_io_s")),
+    ("[100,0,100,0,0,100]", False, ("inline_io_s", "host_memcpy_bw")),
+    ("[100,0,0,0,100,0]", True, ("kv_join_bw_float32",)),
+])
+def test_lp_pays_each_cpu_term(percent, cpu_attention, keys):
+    """Each CPU term a placement incurs lowers the LP's throughput for it, as it does the simulator's."""
+    from graphgen.perf.policy_lp import policy_tok_s
+    from graphgen.perf.simulate import predict
+
+    for key in keys:
+        free = dict(CPU, **{key: 0.0}) if key.endswith("_s") else {k: v for k, v in CPU.items() if k != key}
+        cfg, P, kn = _cpu_policy(percent, cpu_attention)
+        cfg0, P0, _ = _cpu_policy(percent, cpu_attention, free)
+        percent_ = list(cfg.policy.percent)
+        assert policy_tok_s(P, kn, percent_) < policy_tok_s(P0, kn, percent_) * 0.999, key
+        assert predict(cfg).total_tok_s < predict(cfg0).total_tok_s * 0.999, key
+
