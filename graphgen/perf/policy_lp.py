@@ -360,7 +360,39 @@ def layer_bounds(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Dict[
         if kappa:
             load_d, _, store_d = disk[slot]
             out[slot].append(compute + (load_d + store_d) * kappa)
+    if kn.ngb == 1 and kind != "head":  # the next square reads this one's output: no slot to hide its trip in
+        out["next"].append(out["next"][1] + _act_trip(P, L, kn, kind, phase))
+    for slot in ("next",) if P.cfg.schedule.name == "zigzag" else ("next", "own"):
+        if slot in out:
+            out[slot].append(out[slot][1] + _whole_layers(P, L, kind, phase, out[slot][1], kappa))
     return out
+
+
+def _whole_layers(P: Problem, L: Dict, kind: str, phase: str, compute: Lin, kappa: float) -> Lin:
+    """graphgen places whole layers (passes/place_tensors.py), not a share of each: with a fraction wc
+    of the weights on the host, that fraction of the layers loads all its weights, each load beside
+    one slot's compute (of a layer placed alike: the tiers hold runs of layers), and where the load
+    takes longer the slot waits for it. Averaged over the layers: compute + wc * max(0, load - C),
+    C the compute of such a slot, bounded below by compute's constant part, its whole wc term and the
+    least term of the cache's and the activations' fractions (each group sums to 1); from disk
+    likewise, and the compute beside a disk read slowed by compute_io_contention."""
+    nk = NEXT[kind] if NEXT[kind] in P.kinds else kind
+    c0 = compute.get(None, 0.0) + sum(min(compute.get(v, 0.0) for v in g) for g in (FRACTIONS[3:6], FRACTIONS[6:9]))
+    w = L[(nk, phase)]["w_bytes"]
+    host, c_host = w * P.h2d, c0 + compute.get("wc", 0.0)
+    disk, c_disk = w * (P.dr + P.h2d) + P.latency, c0 + compute.get("wn", 0.0)
+    slowed = kappa * min(w * P.dr + P.latency, c_disk)
+    return var("wc") * max(0.0, host - c_host) + var("wn") * max(0.0, disk - c_disk, slowed)
+
+
+def _act_trip(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Lin:
+    """With one GPU batch the next square consumes this square's output activation right away: homed
+    off the device, it is stored and loaded back between the two computes (a load never goes before
+    its producer's store), one after the other (compute + this time)."""
+    nk = NEXT[kind] if NEXT[kind] in P.kinds else kind
+    out, inp = L[(kind, phase)]["act_bytes"], L[(nk, phase)]["act_in"]
+    return var("hc") * (out * P.d2h + inp * P.h2d) + var("hn") * (
+        out * (P.d2h + P.dw) + P.wlatency + inp * (P.dr + P.h2d) + P.latency)
 
 
 def policy_tok_s(P: Problem, kn: Knobs, percent: List[float]) -> float:
