@@ -143,10 +143,19 @@ def run_cases(names: Sequence[str], repeats: int, show_breakdown: bool, calibrat
         st, graph = measure(cfg, repeats, show_breakdown)
         pr = predict(cfg, graph)
         errors.append(pr.total_tok_s / st["total_tok_s"] - 1)
-        print(row(name, what, st, pr), flush=True)
+        print(row(name, what, st, pr) + f"; policy=auto's LP {lp_tok_s(cfg):.2f}", flush=True)
         if show_breakdown:
             breakdown(graph, st["events"], CostModel(hardware_profile(cfg), cfg.model.dtype, "cpu"))
     return errors
+
+
+def lp_tok_s(cfg) -> float:
+    """What policy=auto's LP predicts for this case's policy (graphgen.perf.policy_lp.policy_tok_s)."""
+    from graphgen.perf.policy_lp import Knobs, Problem, policy_tok_s
+
+    p = cfg.policy
+    kn = Knobs(p.gpu_batch_size, p.num_gpu_batches, bool(p.cpu_attention), bool(p.compress_weight.bits))
+    return policy_tok_s(Problem(cfg, hardware_profile(cfg)), kn, list(p.percent))
 
 
 # --- policy=auto against a grid -----------------------------------------------------------------

@@ -364,7 +364,7 @@ def layer_bounds(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Dict[
         out["next"].append(out["next"][1] + _act_trip(P, L, kn, kind, phase))
     for slot in ("next",) if P.cfg.schedule.name == "zigzag" else ("next", "own"):
         if slot in out:
-            out[slot].append(out[slot][1] + _whole_layers(P, L, kind, phase, out[slot][1], kappa))
+            out[slot].append(_whole_layers(P, L, kind, phase, out[slot][1], kappa))
     return out
 
 
@@ -372,17 +372,19 @@ def _whole_layers(P: Problem, L: Dict, kind: str, phase: str, compute: Lin, kapp
     """graphgen places whole layers (passes/place_tensors.py), not a share of each: with a fraction wc
     of the weights on the host, that fraction of the layers loads all its weights, each load beside
     one slot's compute (of a layer placed alike: the tiers hold runs of layers), and where the load
-    takes longer the slot waits for it. Averaged over the layers: compute + wc * max(0, load - C),
-    C the compute of such a slot, bounded below by compute's constant part, its whole wc term and the
-    least term of the cache's and the activations' fractions (each group sums to 1); from disk
-    likewise, and the compute beside a disk read slowed by compute_io_contention."""
+    takes longer the slot waits for it; from disk likewise, the compute beside the read slowed by
+    compute_io_contention. Averaged over the layers, with C0 a lower bound of the slot's compute (its
+    constant part and the least term of each of the cache's and the activations' fractions, which sum
+    to 1) and such a layer's own weight terms on top: C0 + wc (max(load, C0 + its wc term) - C0) + wn
+    (...), linear and never above the slot's true time."""
     nk = NEXT[kind] if NEXT[kind] in P.kinds else kind
     c0 = compute.get(None, 0.0) + sum(min(compute.get(v, 0.0) for v in g) for g in (FRACTIONS[3:6], FRACTIONS[6:9]))
     w = L[(nk, phase)]["w_bytes"]
-    host, c_host = w * P.h2d, c0 + compute.get("wc", 0.0)
-    disk, c_disk = w * (P.dr + P.h2d) + P.latency, c0 + compute.get("wn", 0.0)
-    slowed = kappa * min(w * P.dr + P.latency, c_disk)
-    return var("wc") * max(0.0, host - c_host) + var("wn") * max(0.0, disk - c_disk, slowed)
+    c_host, c_disk = c0 + compute.get("wc", 0.0), c0 + compute.get("wn", 0.0)
+    host = max(w * P.h2d, c_host)
+    read = w * P.dr + P.latency
+    disk = max(read + w * P.h2d, c_disk + kappa * min(read, c_disk))
+    return const(c0) + var("wc") * (host - c0) + var("wn") * (disk - c0)
 
 
 def _act_trip(P: Problem, L: Dict, kn: Knobs, kind: str, phase: str) -> Lin:
