@@ -2,13 +2,18 @@
 al., ICML 2023, Sec. 5; FlexGen experimental/cost_model.py).
 
 For fixed knobs (gpu_batch_size, num_gpu_batches, cpu_attention, compression) it minimises the
-block's time over the nine fractions (weights, KV cache, activations x device / host / disk). A
-layer kind's time per step is max(load, compute, store), linearised with one variable per (kind,
-phase) bounded below by each stream's seconds: loads carry the next layer's weights, the cache a
-decode step reads and the activation in; stores the new cache slice and the activation out; each
-over its links at the profile's bandwidths, compute priced by graphgen.perf.costmodel, and (with a
-calibrated compute_io_contention) compute plus that share of the layer's disk I/O, which runs
-beside it at most. Memory per tier:
+block's time over the nine fractions (weights, KV cache, activations x device / host / disk), by
+the async executor's slots (one square each: its loads are for the next square and run beside it):
+a layer's step is num_gpu_batches - 1 slots loading for its next GPU batch (cache prefix,
+activation) and one loading for the next layer (its weights, its first cache prefix and
+activation). A slot's time is linearised with one variable per (kind, phase, slot kind) bounded
+below by each stream's seconds (stores: the new cache slice and the activation out), each over its
+links at the profile's bandwidths, compute priced by graphgen.perf.costmodel with its CPU terms
+(weights not prepacked, inline copies within RAM, the cache join); (with a calibrated
+compute_io_contention) compute plus that share of the slot's disk I/O; whole layers placed off the
+device, each loading all its weights beside one slot; and with one GPU batch, an activation homed
+off the device going out and back between two squares. policy_tok_s evaluates the same bounds at a
+given placement (graphgen.perf.simulate agrees with it within a few percent). Memory per tier:
 the homes (weights, the KV cache at its full length prompt + gen, live activations) plus the
 working buffers (two layers' weight copies, the loaded cache prefix, the largest workspace) from
 graphgen.costs; on a GPU, host weights must also fit the pinned-memory limit.
@@ -316,10 +321,11 @@ def solve_lp(P: Problem, kn: Knobs, budgets: Dict[str, float]) -> Optional[Tuple
     for k in P.kinds:
         for ph in PHASES:
             weight = P.count[k] * (1 if ph == "prefill" else P.n - 1)
+            bounds, moved = layer_bounds(P, L, kn, k, ph), stream_times(moves, L, kn, k, ph)
             for slot, count in _slots(kn):
-                for expr in layer_bounds(P, L, kn, k, ph)[slot]:
+                for expr in bounds[slot]:
                     le(expr + var(f"{SLOT_VAR[slot]}_{k}_{ph}") * -1.0, 0.0)
-                load, _, store = stream_times(moves, L, kn, k, ph)[slot]  # one memory: moves, for the tie-break only
+                load, _, store = moved[slot]  # one memory: moves priced for the tie-break only
                 for v, coef in (load + store).items():  # tie-break: of equally fast placements, the one
                     if v is not None:                    # that moves the fewest bytes (the LP is degenerate)
                         c[idx[v]] += TIE * weight * count * coef
