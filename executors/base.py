@@ -224,9 +224,16 @@ class Executor(WeightPlacement, CacheLifetime, Heads):
         dev = self.tiers["device"]
         w = dev.get(a["w_buf"]) if a["w_buf"] else self.tiers[a["w_home"]].get(("w", j))
         if j in self.packed_layers:  # the kernels compute on the compressed parts as they are
-            w = self.wrapped(j, w, a)
-        elif a.get("w_dequant"):  # the first square of a run of the layer: one dense copy serves the run
+            with packed.reuse_dense():  # (a prefill's chunks share one dense copy per matrix)
+                return self.compute_with(n, a, self.wrapped(j, w, a))
+        if a.get("w_dequant"):  # the first square of a run of the layer: one dense copy serves the run
             w = self.dequantize_weights(a["w_buf"], j, a["w_compressed"])
+        return self.compute_with(n, a, w)
+
+    def compute_with(self, n, a, w) -> None:
+        """compute() of square n with its weights w as the family's hooks take them."""
+        i, j, k = n
+        dev = self.tiers["device"]
         L, s = a["ctx"], a["s"]
         pos = self.positions(k, L, s)
         kind = a["kind"]

@@ -211,3 +211,20 @@ def test_prepacked_bf16_layers_fuse_their_linears_and_keep_the_tokens(llama16):
             fused = {"q_proj+k_proj+v_proj.weight", "gate_proj+up_proj.weight"}
             assert fused <= names if on == "true" else not fused & names
     assert torch.equal(*outs)
+
+
+def test_reuse_dense_makes_one_dense_copy_per_matrix_in_its_scope(monkeypatch):
+    """A prefill computed in chunks of sequences unpacks each int4 matrix once per square."""
+    import executors.packed as packed_mod
+
+    W = packed(4, torch.randn(48, 64), dtype=torch.bfloat16)
+    made = []
+    real = PackedWeight.dense
+    monkeypatch.setattr(PackedWeight, "dense", lambda self: made.append(1) or real(self))
+    x = torch.randn(packed_mod.INT4_KERNEL_ROWS + 2, 64, dtype=torch.bfloat16)
+    y0 = F.linear(x, W)
+    with packed_mod.reuse_dense():
+        y1, y2 = F.linear(x, W), F.linear(x[:-1], W)
+    F.linear(x, W)
+    assert len(made) == 3  # outside, once in the scope, outside again
+    assert torch.equal(y0, y1) and torch.equal(y1[:-1], y2)
