@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.base import LayerSpec, ModelSpec
+from .models.base import GROUPED_BLOCK_BYTES, LayerSpec, ModelSpec
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -88,14 +88,18 @@ def workspace_bytes(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> int
     heads repeated for grouped-query attention; the MLP's two intermediates (three for gated
     MLPs); the head's float32 logits. SDPA's fused kernels (CPU flash, CUDA memory-efficient)
     never hold the [B, nh, s, L] scores (measured: opt-1.3b prefill B=8 s=512 peaks at 95 MB
-    of workspace, where scores + softmax would be 268 MB more)."""
+    of workspace, where scores + softmax would be 268 MB more); a bf16 prefill on a CPU holds
+    one block of them and its softmax, and q regrouped (models.base.grouped_attention)."""
     B, s, L, it = sh.batch, sh.new_tokens(i), sh.context(i), sh.itemsize
     if layer.kind == "attn":
         qkv_ctx = B * s * (3 * spec.hidden_size + 2 * spec.kv_dim) * it
         bias = B * s * L * it
         cat = 2 * B * L * spec.kv_dim * it if L > s else 0  # cached prefix + new slice joined
         gqa = 2 * B * L * spec.num_heads * spec.head_dim * it if spec.num_kv_heads != spec.num_heads else 0
-        return qkv_ctx + bias + cat + gqa
+        blocks = 0
+        if s > 1:  # at least one query position's scores per block
+            blocks = 2 * max(GROUPED_BLOCK_BYTES, B * spec.num_heads * L * it) + B * s * spec.hidden_size * it
+        return qkv_ctx + bias + cat + gqa + blocks
     if layer.kind == "mlp":
         return spec.mlp_buffers * B * s * spec.ffn_dim * it
     if layer.kind == "head" and sh.score and i == 0:  # a chunk's logits + log-softmax, per-position results

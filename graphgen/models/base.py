@@ -212,8 +212,8 @@ def grouped_attention(q, k, v, bias: Optional[torch.Tensor], scale: float,
     The q heads that share a K/V head are stacked into one matrix, [B*nkv, s*group, d], so each
     block is two large batched GEMMs (oneDNN), where SDPA's CPU flash kernel multiplies 64-query
     tiles. A block is the queries whose scores fit block_bytes, against only the keys they can see:
-    batch 16 x 256 tokens, 9:3 heads, 2 threads, 7.2 ms against SDPA's 16.7; (64, 128) 11.7 vs 20.8
-    (benchmarks/profile_decode.py --phase prefill)."""
+    batch 16 x 256 tokens, 9:3 heads, 2 threads, 6.5 ms against SDPA's 15.6; (64, 128) 10.6 vs 19.9
+    (benchmarks/bench_prefill_attention.py)."""
     B, nh, s, d = q.shape
     nkv, L = k.shape[1], k.shape[2]
     g = nh // nkv
