@@ -45,7 +45,8 @@ class AttentionGlue:
         attention tier as ("kvnew", j, k, i) for the store op. mask: the batch's [B, L] mask."""
         i, j, k = n
         L, s = a["ctx"], a["s"]
-        q, k_new, v_new = in_row_chunks(partial(self.spec.attn_qkv, w), h, pos, whole=self.spec.batch_wide)  # q [B,nh,s,d], k/v [B,nkv,s,d]
+        # q [B,nh,s,d], k/v [B,nkv,s,d]
+        q, k_new, v_new = in_row_chunks(partial(self.spec.attn_qkv, w), h, pos, whole=self.spec.batch_wide)
         where = tiers[a["attn_device"]]
         new = torch.stack([k_new, v_new]).permute(0, 3, 1, 2, 4).to(where.device)  # [2, s, B, nkv, d]
         comp = a.get("kv_compressed")

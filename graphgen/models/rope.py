@@ -41,6 +41,7 @@ class Rotary:
         self.orig_max = rp.get("original_max_position_embeddings", self.max_positions)
         self.inv_freq, self.scaling = self._init(None)  # (dim/2,), float
         self._last: dict = {}  # (ptr, shape, strides, device, dtype) -> (positions, its version, (cos, sin))
+        self._storage = None  # the storage of the positions the kept tables are slices of
 
     def _init(self, seq_len) -> Tuple[torch.Tensor, float]:
         if self.type == "default":
@@ -63,16 +64,18 @@ class Rotary:
         return self.inv_freq, self.scaling
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions [B, s] -> cos, sin [B, 1, s, dim] in dtype. The tables of the step's last few
-        position tensors are kept: the executor passes one positions tensor to every layer of a step,
-        sliced the same way for each chunk of sequences (models.base.in_row_chunks)."""
+        """positions [B, s] -> cos, sin [B, 1, s, dim] in dtype. The tables of the latest positions
+        tensor and its slices are kept: the executor passes one positions tensor to every layer of
+        a step, sliced the same way for each chunk of sequences (models.base.in_row_chunks)."""
+        storage = positions.untyped_storage().data_ptr()
+        if storage != self._storage:  # another step's (or GPU batch's) positions: drop the old tables
+            self._last.clear()
+            self._storage = storage
         key = (positions.data_ptr(), positions.shape, positions.stride(), positions.device, dtype)
         hit = self._last.get(key)
         if hit is not None and hit[0]._version == hit[1]:  # hit[0] keeps the memory from being reused
             return hit[2]
         out = self._cos_sin(positions, dtype)
-        if len(self._last) >= 64:
-            self._last.clear()
         self._last[key] = (positions, positions._version, out)
         return out
 
