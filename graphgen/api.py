@@ -13,7 +13,7 @@ from executors import BlockInputs, make_executor
 from . import distributed
 from .compile import BlockShape, checkpoint_of, compile, model_name, spec_for
 from .chat_template import chat_ids, check_messages, end_of_turn_ids, is_messages
-from .config import Config, check_config, compose
+from .config import CONF_DIR, Config, check_config, compose
 from .inputs import check_generate_args
 from .models.gguf import is_gguf, load as load_gguf, tokenizer as gguf_tokenizer
 from .models.weights import CheckpointWeights, DummyWeights, WeightSource, describe_missing
@@ -43,6 +43,11 @@ class LLM:
             path = Path(model).expanduser() if model else None
             is_path = path is not None and (path.is_dir() or is_gguf(path))  # a checkpoint dir or GGUF file
             if model and not is_path:
+                known = sorted(f.stem for f in (CONF_DIR / "model").glob("*.yaml"))
+                if model not in known:
+                    raise ValueError(f"LLM(model={model!r}): no such checkpoint directory or .gguf file, and not a "
+                                     f"model name; pass a Hugging Face checkpoint directory, a GGUF file, or one of "
+                                     f"{', '.join(known)}")
                 ov = [f"model={model}"] + ov
             config = compose(ov)
             if is_path:  # set after composing: a path is no override syntax

@@ -109,3 +109,10 @@ def test_sampling_with_a_seed_repeats_across_schedules_and_placements(opt_ckpt, 
                                      top_p=0.95, seed=5))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert len(set(outs[0][:, 7:].flatten().tolist())) > 3  # it really sampled
+
+
+def test_a_model_that_is_neither_a_path_nor_a_name_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"no such checkpoint directory or \.gguf file.*opt-125m"):
+        LLM(str(tmp_path / "missing-checkpoint"))
+    with pytest.raises(ValueError, match="not a model name"):
+        LLM("opt-125mm")

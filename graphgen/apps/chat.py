@@ -148,7 +148,11 @@ def main(argv: Optional[Sequence[str]] = None, llm: Any = None, stdin=None, stdo
     args = parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if llm is None:
-        llm = LLM(args.model, overrides=list(args.overrides))
+        try:
+            llm = LLM(args.model, overrides=list(args.overrides))
+        except ValueError as e:  # a --model that is neither a checkpoint nor a model name
+            print(f"chat: {e}", file=sys.stderr)
+            return 2
     if llm.tokenizer is None:
         print("chat needs a checkpoint with a tokenizer (dummy weights have none): "
               "pass --model /path/to/checkpoint", file=sys.stderr)

@@ -91,7 +91,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None, llm: Any = None) -> List[Completion]:
     args = parse_args(argv)
     if llm is None:
-        llm = LLM(args.model, overrides=list(args.overrides))
+        try:
+            llm = LLM(args.model, overrides=list(args.overrides))
+        except ValueError as e:  # a --model that is neither a checkpoint nor a model name
+            raise SystemExit(f"completion: {e}") from None
     if llm.tokenizer is None:
         return token_ids_demo(llm, args)
     prompts = args.prompt or PROMPTS

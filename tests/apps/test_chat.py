@@ -135,3 +135,10 @@ def test_chat_app_on_the_default_model_uses_its_template(smollm2):
     assert main(["--temperature", "0", "--max-new-tokens", "8"], llm=smollm2,
                 stdin=io.StringIO("What is the capital of France?\n"), stdout=out) == 0
     assert "Assistant: " in out.getvalue() and "Paris" in out.getvalue()
+
+
+def test_chat_app_names_a_missing_model(tmp_path, capsys):
+    from graphgen.apps.chat import main
+
+    assert main(["--model", str(tmp_path / "nowhere")]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err

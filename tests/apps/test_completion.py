@@ -26,3 +26,10 @@ def test_completion_app_without_tokenizer_shows_token_ids(capsys):
     llm.generate = lambda ids, **kw: __import__("torch").cat([ids, ids[:, :2]], 1)
     assert main(["--max-new-tokens", "2"], llm=llm) == []
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_completion_app_names_a_missing_model(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="completion: LLM.*no such checkpoint directory"):
+        main(["--model", str(tmp_path / "nowhere")])
