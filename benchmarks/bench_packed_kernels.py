@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,21 +30,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_ms  # noqa: E402
 from executors.packed import PackedWeight, pack, wrap  # noqa: E402
 from executors.quant import dequantize, quantize  # noqa: E402
 
 SHAPES = {"qo 576x576": (576, 576), "kv 192x576": (192, 576), "up/gate 1536x576": (1536, 576),
           "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}
-
-
-def best_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
 
 
 def kernels(w: torch.Tensor, with_ao: bool):

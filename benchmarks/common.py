@@ -175,5 +175,16 @@ def parse_ints(s: str) -> List[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
+def best_ms(fn, repeats: int) -> float:
+    """Milliseconds of the fastest of `repeats` timed calls of fn, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+
 def best(runs: Sequence[Run]) -> Optional[Run]:
     return max(runs, key=lambda r: r.tok_s) if runs else None
