@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--cold-mb", type=int, default=64,
                     help="bf16 MB of distinct copies per matrix, cycled (0: one copy, hot in the caches)")
     args = ap.parse_args()
+    unknown = [n for n in args.shapes.split(",") if n not in SHAPES]
+    if unknown:
+        ap.error(f"--shapes: unknown {', '.join(map(repr, unknown))}; the names are: {', '.join(SHAPES)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [int(r) for r in args.rows.split(",")]
