@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.base import GROUPED_BLOCK_BYTES, GROUPED_MIN_SCORES, LayerSpec, ModelSpec
+from .models import base
+from .models.base import GROUPED_BLOCK_BYTES, LayerSpec, ModelSpec
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -97,7 +98,7 @@ def workspace_bytes(spec: ModelSpec, layer: LayerSpec, sh: Shape, i: int) -> int
         cat = 2 * B * L * spec.kv_dim * it if L > s else 0  # cached prefix + new slice joined
         gqa = 2 * B * L * spec.num_heads * spec.head_dim * it if spec.num_kv_heads != spec.num_heads else 0
         blocks, row = 0, B * spec.num_heads * L * it
-        if s > 1 and row // it * s >= GROUPED_MIN_SCORES:  # a block: up to GROUPED_BLOCK_BYTES of scores, >= 1 row
+        if base.takes_grouped(B, spec.num_heads, s, L):  # a block: up to GROUPED_BLOCK_BYTES of scores, >= 1 row
             blocks = 2 * min(row * s, max(GROUPED_BLOCK_BYTES, row)) + B * s * spec.hidden_size * it
         return qkv_ctx + bias + cat + gqa + blocks
     if layer.kind == "mlp":

@@ -189,13 +189,18 @@ GROUPED_MIN_SCORES = 1 << 20
 GROUPED_BLOCK_BYTES = 4 << 20  # scores per block: 2 and 8 MiB measured slower at (16, 256) and (4, 1024)
 
 
+def takes_grouped(b: int, nh: int, s: int, L: int) -> bool:
+    """Is a bf16 CPU attention of b x nh heads, s queries over L keys run by grouped_attention?
+    (the memory plan counts its block of scores where it is: graphgen/costs.py)"""
+    return s > 1 and b * nh * s * L >= GROUPED_MIN_SCORES
+
+
 def attend(q, k, v, bias: Optional[torch.Tensor], scale: Optional[float] = None) -> torch.Tensor:
     """Attention of q [B, nh, s, d] over k/v [B, nkv, L, d] (nh a multiple of nkv, grouped heads as
     they are) -> ctx [B, s, nh*d]. bias: None for plain causal (s == L) or a single query,
     else additive [B, 1, s, L] (attn_bias). scale: None for 1/sqrt(d)."""
     b, nh, s, d = q.shape
-    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and s > 1
-            and b * nh * s * k.shape[2] >= GROUPED_MIN_SCORES):
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and takes_grouped(b, nh, s, k.shape[2]):
         return grouped_attention(q, k, v, bias, d ** -0.5 if scale is None else scale)
     # grouped K/V heads as they are (no repeat): the CPU flash kernel, batch 16 x 256 tokens, 9:3
     # heads: 28.8 ms against 32.9 with K/V repeated, the same output
