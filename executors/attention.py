@@ -4,8 +4,8 @@ The dense KV cache of an in-memory tier is allocated head-major, [2, B, nkv, S_m
 through the sequence-major view [2, S_max, B, nkv, d] every tier shares (executors/tiers.py):
 a square whose cache lives where its attention runs writes its new K/V into the cache and
 attends over the prefix view [2, B, nkv, L, d] in place: no per-step copy of the prefix.
-(The square's store op writes the same slice again: the graph's store keeps its meaning for
-the tiers, the planner and the async executor's ordering.) A prefix loaded from another tier,
+(The square's store op then finds that slice already in place and copies nothing: the graph's
+store keeps its meaning for the tiers, the planner and the async executor's ordering.) A prefix loaded from another tier,
 or stored compressed, is joined with the new slice into a reused scratch buffer as before.
 
 Decode (one new token) on the CPU runs matmul attention over the cache read in place, the
@@ -45,14 +45,16 @@ class AttentionGlue:
         attention tier as ("kvnew", j, k, i) for the store op. mask: the batch's [B, L] mask."""
         i, j, k = n
         L, s = a["ctx"], a["s"]
+        where = tiers[a["attn_device"]]
+        comp = a.get("kv_compressed")
         # q [B,nh,s,d], k/v [B,nkv,s,d]
         q, k_new, v_new = in_row_chunks(partial(self.spec.attn_qkv, w), h, pos, whole=self.spec.batch_wide)
-        where = tiers[a["attn_device"]]
-        new = torch.stack([k_new, v_new]).permute(0, 3, 1, 2, 4).to(where.device)  # [2, s, B, nkv, d]
-        comp = a.get("kv_compressed")
-        kv = self.cache_view(where, a, (j, k), L, s, new) if comp is None and L > s else None
+        kv = self.cache_view(where, a, (j, k), L, s, k_new, v_new) if comp is None and L > s else None
         if kv is None:
+            new = torch.stack([k_new, v_new]).permute(0, 3, 1, 2, 4).to(where.device)  # [2, s, B, nkv, d]
             kv = self.joined(where, a, (j, k), L, s, new, comp)  # [2, B, nkv, L, d]
+        else:  # written in place: the store op finds its slice already there (Tier.write_slice)
+            new = where.get(("kv", j, k))[:, L - s:L]
         mask = mask.to(where.device)
         bias = self.attn_bias(k, mask, s, q.dtype)
         q = q.to(where.device)
@@ -63,17 +65,18 @@ class AttentionGlue:
         where.put(("kvnew", j, k, i), cq.compress_slice(new, comp))  # stored (and moved) compressed
         return in_row_chunks(lambda h_, ctx_: self.spec.attn_out(w, ctx_, h_), h, ctx.to(device))
 
-    def cache_view(self, where, a, jk, L: int, s: int, new: torch.Tensor) -> Optional[torch.Tensor]:
-        """The cache at home, with the new slice written in, as [2, B, nkv, S_max, d] (a view:
-        the first L positions are the context); None when the prefix is not read in place or the
-        layout is not head-major."""
+    def cache_view(self, where, a, jk, L: int, s: int, k_new: torch.Tensor, v_new: torch.Tensor
+                   ) -> Optional[torch.Tensor]:
+        """The cache at home, with the new K/V [B, nkv, s, d] written in, as [2, B, nkv, S_max, d]
+        (a view: the first L positions are the context); None when the prefix is not read in place
+        or the layout is not head-major."""
         if a["kv_buf"] is not None:
             return None
-        cache = where.get(("kv",) + jk)  # [2, S_max, B, nkv, d] view
-        kv = cache.permute(0, 2, 3, 1, 4)
+        kv = where.get(("kv",) + jk).permute(0, 2, 3, 1, 4)  # of the [2, S_max, B, nkv, d] view
         if kv.stride(-1) != 1 or kv.stride(-2) != kv.shape[-1]:  # sequence-major: join instead
             return None
-        cache[:, L - s:L].copy_(new)
+        kv[0, :, :, L - s:L].copy_(k_new)
+        kv[1, :, :, L - s:L].copy_(v_new)
         return kv
 
     def joined(self, where, a, jk, L: int, s: int, new: torch.Tensor, comp) -> torch.Tensor:
@@ -125,9 +128,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Op
     if k.dtype != torch.float32 and B * nkv >= KMAJOR_ROWS:
         if 2 * L < S:  # mostly unused rows: multiply the prefix (which the batched GEMM copies)
             k, v, S = k[:, :, :L], v[:, :, :L], L
-        qs = q.reshape(B * nkv, g, d) * scale
+        qs = (q * scale).reshape(B * nkv, g, d)  # (scaled first: the product is contiguous, no clone)
         return _kmajor(qs, k.reshape(B * nkv, S, d), v.reshape(B * nkv, S, d), bias, L).view(B, 1, nh * d)
-    qf = q.reshape(B * nkv, g, d).float() * scale  # a new tensor: q may be float32 already
+    qf = (q.float() * scale).reshape(B * nkv, g, d)  # a new tensor (q may be float32 already), contiguous
     ks, vs = k[:, :, :L].reshape(B * nkv, L, d), v[:, :, :L].reshape(B * nkv, L, d)  # views of the cache
     out = torch.empty(B * nkv, g, d, dtype=q.dtype, device=q.device)
     step = max(1, TEMP_BYTES // (2 * L * d * 4))

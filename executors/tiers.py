@@ -24,6 +24,12 @@ def nbytes(v: Value) -> int:
     return v.numel() * v.element_size()
 
 
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do a and b view the same elements, laid out the same way?"""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
 class TierFull(MemoryError):
     pass
 
@@ -86,7 +92,10 @@ class Tier:
         return self.values[key][:, :n]
 
     def write_slice(self, key, start: int, value: torch.Tensor) -> None:
-        self.values[key][:, start:start + value.shape[1]].copy_(value)
+        """(Nothing to copy when value is that very slice: attention wrote it in place.)"""
+        dst = self.values[key][:, start:start + value.shape[1]]
+        if not _same_view(dst, value):
+            dst.copy_(value)
 
     def close(self) -> None:
         self.values.clear()

@@ -80,6 +80,23 @@ def test_decode_reads_the_cache_in_place(opt_ckpt):
         assert llm.executor.attn._scratch != {}
 
 
+def test_store_after_an_in_place_cache_write_copies_nothing(opt_ckpt, monkeypatch):
+    """A decode square writes its K/V into the cache it reads in place; its store op then finds
+    that very slice there and copies nothing (it used to write the same slice twice). The prefill's
+    stores still copy: nothing was cached before them."""
+    import executors.tiers as tiers
+
+    path, _ = opt_ckpt
+    ids, mask = left_padded_batch(4)
+    base = ["model.dtype=float32", "policy.gpu_batch_size=4", "policy.num_gpu_batches=1", "executor.name=reference"]
+    same, real = [], tiers._same_view
+    monkeypatch.setattr(tiers, "_same_view", lambda a, b: same.append(real(a, b)) or same[-1])
+    with LLM(str(path), base) as llm:
+        llm.generate(ids, attention_mask=mask, max_new_tokens=4)
+        n_attn = sum(layer.kind == "attn" for layer in llm.executor.spec.layers)
+    assert same.count(True) == 3 * n_attn and same.count(False) == n_attn
+
+
 def test_decode_attention_in_chunks_matches_one_pass(monkeypatch):
     """Long contexts run over chunks of (sequence, KV head) pairs: the same result."""
     import executors.attention as attention

@@ -207,6 +207,17 @@ def test_offload_dir_cleaned_after_error_mid_run(opt_ckpt, tmp_path, monkeypatch
     assert not off.exists()
 
 
+def test_slice_write_of_the_slice_itself_copies_nothing(monkeypatch):
+    t = Tier("device", GB, torch.device("cpu"))
+    t.alloc("kv", (2, 6, 3, 2, 4), torch.float32, head_major=True)
+    x = torch.randn(2, 2, 3, 2, 4)
+    t.write_slice("kv", 1, x)
+    assert torch.equal(t.read_prefix("kv", 3)[:, 1:], x)
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda *a, **k: pytest.fail("copied a slice onto itself"))
+    t.write_slice("kv", 1, t.get("kv")[:, 1:3])  # attention wrote it in place: nothing to do
+    assert torch.equal(t.read_prefix("kv", 3)[:, 1:], x)
+
+
 def test_tier_budget_enforced_at_runtime():
     t = Tier("host", 100, torch.device("cpu"))
     t.put("a", torch.zeros(20))  # 80 bytes
