@@ -74,6 +74,7 @@ class AsyncExecutor(Executor):
         self._last_kind = "prefill"
         workers = [threading.Thread(target=self._worker, args=(s, plan), name=f"graphgen-{s}", daemon=True)
                    for s in STREAMS if s != "compute" and plan.ops[s]]
+        self._alone = not workers  # (e.g. everything at home on the device): no one to notify
         for w in workers:
             w.start()
         try:
@@ -119,6 +120,9 @@ class AsyncExecutor(Executor):
                 with self.cuda.stream(stream):
                     self.execute(node)
                     self.cuda.after(self, stream, self.A[node])
+            if self._alone:
+                self._progress[s] = idx + 1
+                continue
             with self._cv:
                 self._progress[s] = idx + 1
                 self._cv.notify_all()

@@ -147,7 +147,7 @@ class Executor(WeightPlacement, CacheLifetime, Heads):
         self.A = dict(graph.nodes(data=True))
         self.max_len = graph.graph["shape"].max_len
         self.attn = attention.AttentionGlue(self.spec, self.max_len)
-        self._pos: Dict = {}  # GPU batch -> ((L, s), positions of its current step), shared by its layers
+        self._pos: Dict = {}  # GPU batch -> ((L, s), positions, mask of its current step), shared by its layers
         self.alloc_caches(graph)
         if self.device.type == "cpu":  # weights read from disk reuse freed buffers (stated_overhead)
             dev = self.tiers["device"]
@@ -242,8 +242,7 @@ class Executor(WeightPlacement, CacheLifetime, Heads):
             toks = st.inputs.input_ids[k] if i == 0 else st.tokens[k][i - 1][:, None]
             out = self.spec.embed(w, toks.to(self.device), pos)
         elif kind == "attn":
-            out = self.attn.square(self.tiers, n, a, w, dev.get(a["act_in"]), pos, self.state.mask[k][:, :L],
-                                   self.device)
+            out = self.attn.square(self.tiers, n, a, w, dev.get(a["act_in"]), pos, self._pos[k][2], self.device)
         elif kind == "mlp":
             out = in_row_chunks(functools.partial(self.spec.mlp, w), dev.get(a["act_in"]))
         else:
@@ -270,9 +269,10 @@ class Executor(WeightPlacement, CacheLifetime, Heads):
 
     def positions(self, k: int, L: int, s: int) -> torch.Tensor:
         """Position ids [B, s] of GPU batch k at this step: one tensor for all its layers (the
-        rotary tables are built once per tensor, models/rope.py)."""
+        rotary tables are built once per tensor, models/rope.py). Its mask [B, L] is kept beside."""
         if self._pos.get(k, (None,))[0] != (L, s):
-            self._pos[k] = ((L, s), positions_from_mask(self.state.mask[k][:, :L])[:, L - s:])
+            mask = self.state.mask[k][:, :L]
+            self._pos[k] = ((L, s), positions_from_mask(mask)[:, L - s:], mask)
         return self._pos[k][1]
 
     def close(self) -> None:
