@@ -11,8 +11,12 @@ torch / llama.cpp thread per core.
 One process run per workload: `--workload B,P,G` runs one; without it the script runs each of
 (16,256,32), (64,128,64), (1,64,128) in its own process. Each run prints prefill / decode / total
 tok/s per system, graphgen's ratios to the peers, decode's fraction of the memory-traffic bound
-(bytes a decode step must read / streaming read bandwidth measured in this run) and prefill's
-fraction of the bf16 GEMM peak measured in this run, with the load average.
+(bytes a decode step must read / streaming read bandwidth measured in this run), decode's fraction
+of the floor (the larger of that bound and the step's bf16 matrix products alone, oneDNN,
+measured in this run: at batch 16 the products take longer than the bytes) and prefill's
+fraction of the bf16 GEMM peak measured in this run, with the load average. Every system's total
+is the wall time of its generate call; prefill is the time to the first token (graphgen: its
+prefill squares' clock); decode the rest.
 
     pip install -e '.[bench]'                                       # llama-cpp-python
     python benchmarks/bench_cpu_peers.py                            # all three workloads
@@ -90,6 +94,27 @@ def read_bandwidth(nbytes: int = 1 << 29, reps: int = 5) -> float:
     return best
 
 
+def decode_gemm_s(hf_dir: Path, B: int, reps: int = 5) -> float:
+    """Best seconds for one decode step's matrix products alone at B rows: every layer's matrices
+    (q/k/v and gate/up fused, as graphgen runs them) and the head, distinct random bf16 weights
+    prepacked for oneDNN. With the memory-traffic bound it gives the floor a decode step can reach
+    with this library: at batch 16 the products, not the bytes, take longer."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim", H // nh)
+    shapes = [((nh + 2 * nkv) * d, H), (H, nh * d), (2 * cfg["intermediate_size"], H), (H, cfg["intermediate_size"])]
+    shapes = shapes * cfg["num_hidden_layers"] + [(cfg["vocab_size"], H)]
+    ws = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).to(torch.bfloat16), B) for n, k in shapes]
+    xs = {k: torch.randn(B, k).to(torch.bfloat16) for _, k in shapes}
+    best = float("inf")
+    for _ in range(reps + 1):  # the first pass warms oneDNN up
+        t = time.perf_counter()
+        for w, (_, k) in zip(ws, shapes):
+            torch.ops.mkldnn._linear_pointwise(xs[k], w, None, "none", [], "")
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 # --- the three systems -----------------------------------------------------------------------------
 
 def timing(who: str, B: int, P: int, G: int, prefill_s: float, total_s: float, **extra) -> Dict:
@@ -117,12 +142,14 @@ def run_graphgen(hf_dir: Path, ids: torch.Tensor, G: int, bits: Optional[int], e
         llm.generate(ids[:, :8], max_new_tokens=2)  # warm-up; places (and packs) the weights
         runs = []
         for _ in range(repeat):
+            t0 = time.perf_counter()
             llm.generate(ids, max_new_tokens=G)
+            wall = time.perf_counter() - t0  # the total, as for the peers: generate() as a caller waits for it
             st, g = llm.last_stats, llm.graph
             layers = range(1, g.graph["num_layers"])  # a step reads every layer but the embedding's rows
             w_bytes = sum(g.nodes[(0, j, 0)]["w_bytes"] for j in layers)
             runs.append(timing(who or "graphgen" + (f" {bits}-bit" if bits else ""), B, P, G, st["prefill_s"],
-                               st["prefill_s"] + st["decode_s"], weight_bytes=w_bytes, flops=prefill_flops(g)))
+                               wall, weight_bytes=w_bytes, flops=prefill_flops(g)))
         return best(runs)
 
 
@@ -225,8 +252,9 @@ def one_workload(args, B: int, P: int, G: int) -> List[Dict]:
     vocab = json.loads((paths["hf"] / "config.json").read_text())["vocab_size"]
     ids = torch.randint(4, vocab, (B, P), generator=torch.Generator().manual_seed(0))
     print(f"workload batch {B}, prompt {P}, gen {G}; {machine()}; uptime: {uptime()}", flush=True)
-    bw, peak = read_bandwidth(), matmul_peak(torch.bfloat16)
-    print(f"measured: streaming read {bw / 1e9:.1f} GB/s, bf16 GEMM peak {peak / 1e12:.2f} TFLOP/s", flush=True)
+    bw, peak, gemm = read_bandwidth(), matmul_peak(torch.bfloat16), decode_gemm_s(paths["hf"], B)
+    print(f"measured: streaming read {bw / 1e9:.1f} GB/s, bf16 GEMM peak {peak / 1e12:.2f} TFLOP/s, a decode "
+          f"step's matrix products alone {gemm * 1e3:.2f} ms", flush=True)
     rows = []
 
     def add(r):
@@ -245,21 +273,29 @@ def one_workload(args, B: int, P: int, G: int) -> List[Dict]:
             add(run_llama(paths[key], ids, G, threads, f"llama.cpp {key.upper()}", n))
         add(run_graphgen(paths["q4_1"], ids, G, None, args.executor, "graphgen Q4_1 file", n))  # the same file
     bw2, peak2 = read_bandwidth(), matmul_peak(torch.bfloat16)  # again: the load drifts; the best of both
-    print(f"measured again: streaming read {bw2 / 1e9:.1f} GB/s, bf16 GEMM peak {peak2 / 1e12:.2f} TFLOP/s")
-    report(rows, kv_bytes_per_step(paths["hf"], B, P, G), max(bw, bw2), max(peak, peak2))
+    gemm = min(gemm, decode_gemm_s(paths["hf"], B))
+    print(f"measured again: streaming read {bw2 / 1e9:.1f} GB/s, bf16 GEMM peak {peak2 / 1e12:.2f} TFLOP/s, "
+          f"best decode matrix products {gemm * 1e3:.2f} ms")
+    report(rows, kv_bytes_per_step(paths["hf"], B, P, G), max(bw, bw2), max(peak, peak2), gemm)
     print(f"uptime at the end: {uptime()}")
     return rows
 
 
-def report(rows: List[Dict], kv_bytes: float, bw: float, peak: float) -> None:
+def report(rows: List[Dict], kv_bytes: float, bw: float, peak: float, gemm_s: float) -> None:
+    """decode/bound: the memory-traffic bound over the step's time; decode/floor: the larger of that
+    bound and the bf16 step's matrix products alone (decode_gemm_s) over the step's time."""
     flops = rows[0]["flops"]  # the same model and shape for every system
-    print(f"\n{'system':<18} {'prefill':>9} {'decode':>8} {'total':>8}  {'decode/bound':>12} {'prefill/peak':>12}")
+    print(f"\n{'system':<18} {'prefill':>9} {'decode':>8} {'total':>8}  {'decode/bound':>12} {'decode/floor':>12} "
+          f"{'prefill/peak':>12}")
     for r in rows:
         bound = ((r.get("weight_bytes") or rows[0]["weight_bytes"]) + kv_bytes) / bw  # s per decode step
-        r["decode_bound_frac"] = bound / (r["decode_s"] / (r["G"] - 1)) if r["G"] > 1 else 0.0
+        step = r["decode_s"] / (r["G"] - 1) if r["G"] > 1 else float("inf")
+        r["decode_bound_frac"] = bound / step
+        r["decode_floor_frac"] = max(bound, gemm_s) / step if "bf16" in r["who"] or r["who"] in ("graphgen", "transformers") else None
         r["prefill_peak_frac"] = flops / r["prefill_s"] / peak
+        floor = f"{100 * r['decode_floor_frac']:11.0f}%" if r["decode_floor_frac"] is not None else f"{'-':>12}"
         print(f"{r['who']:<18} {r['prefill_tok_s']:9.1f} {r['decode_tok_s']:8.1f} {r['total_tok_s']:8.1f}  "
-              f"{100 * r['decode_bound_frac']:11.0f}% {100 * r['prefill_peak_frac']:11.0f}%")
+              f"{100 * r['decode_bound_frac']:11.0f}% {floor} {100 * r['prefill_peak_frac']:11.0f}%")
     by = {r["who"]: r for r in rows}
     pairs = [("graphgen", "llama.cpp bf16"), ("graphgen", "transformers"), ("graphgen 8-bit", "llama.cpp Q8_0"),
              ("graphgen 4-bit", "llama.cpp Q4_1"), ("graphgen Q4_1 file", "llama.cpp Q4_1"),
