@@ -192,12 +192,56 @@ def groups(run: Dict, same_memory: bool = True) -> Tuple[List, List, List, Dict[
             feats[key] = f
             sq[key].append(e.end - e.start)
             beside[key].append(overlap.get(n, 0.0))
-        elif "disk" in (a["src"], a["dst"]) and a["bytes"]:
-            direction = "write" if a["src"] != "disk" else "read_cache" if a["tensor"][0] == "kv" else "read"
-            disk[direction].append((a["bytes"], e.end - e.start))
+        elif disk_op_kind(a):
+            disk[disk_op_kind(a)].append((a["bytes"], e.end - e.start))
     keys = sorted(sq)
     return ([np.append(feats[k], np.quantile(beside[k], QUANTILE)) for k in keys],
             [float(np.quantile(sq[k], QUANTILE)) for k in keys], [len(sq[k]) for k in keys], disk)
+
+
+def disk_op_kind(a: dict) -> Optional[str]:
+    """A load / store op's kind of disk I/O: "read" (weights, activations), "read_cache" (a KV
+    cache prefix), "write"; None when it does not cross the disk or moves nothing."""
+    if "disk" not in (a["src"], a["dst"]) or not a["bytes"]:
+        return None
+    return "write" if a["src"] != "disk" else "read_cache" if a["tensor"][0] == "kv" else "read"
+
+
+READ_KEYS = {"read": "disk_read_bw", "read_cache": "disk_read_cache_bw"}  # the profile key pricing each kind
+
+
+def disk_reads(graph, events) -> Dict[str, Tuple[int, int, float]]:
+    """A traced run's disk reads per profile key that prices them (READ_KEYS): (ops, bytes,
+    seconds), the seconds summed over the load ops' own durations, as calibration fits them."""
+    A = {str(n): a for n, a in graph.nodes(data=True)}
+    out: Dict[str, Tuple[int, int, float]] = {}
+    for e in events:
+        a = A.get(e.name) if e.stream == "load" else None
+        key = READ_KEYS.get(disk_op_kind(a)) if a and a.get("op") == "load" else None
+        if key:
+            n, b, t = out.get(key, (0, 0, 0.0))
+            out[key] = (n + 1, b + a["bytes"], t + e.end - e.start)
+    return out
+
+
+def observed_disk_rates(graph, events, latency_s: float) -> Dict[str, float]:
+    """The read rates the disk gave a traced run, as the cost model defines them (an op takes
+    latency_s + bytes / rate): per key of READ_KEYS, the rate at which its reads, at that latency,
+    take the seconds they took: bytes / (seconds - ops x latency_s). A kind the run did not read,
+    or whose reads took no longer than their latency alone, is left out."""
+    out = {}
+    for key, (n, b, t) in disk_reads(graph, events).items():
+        if t - n * latency_s > 0:
+            out[key] = b / (t - n * latency_s)
+    return out
+
+
+def with_disk_rates(profile: Dict[str, float], rates: Dict[str, float]) -> Dict[str, float]:
+    """A copy of `profile` whose disk read keys (READ_KEYS) are `rates` where given."""
+    unknown = set(rates) - set(READ_KEYS.values())
+    if unknown:
+        raise ValueError(f"not disk read keys: {sorted(unknown)}; the keys are {sorted(READ_KEYS.values())}")
+    return {**profile, **rates}
 
 
 def fit_relative(X: np.ndarray, y: np.ndarray, weight: Optional[np.ndarray] = None) -> np.ndarray:

@@ -1,0 +1,90 @@
+"""Calibration's reading of a traced run: the disk read rates a run achieved, as the cost model
+defines them, and a profile with its disk read rates set to them."""
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+
+from executors.trace import Event
+from graphgen.build import build_graph
+from graphgen.config import compose
+from graphgen.models import build_spec, hf_config_from_arch
+from graphgen.perf.calibrate import disk_reads, observed_disk_rates, with_disk_rates
+from graphgen.perf.costmodel import CostModel, simulate
+from passes import run_pipeline
+
+TINY = {"model_type": "opt", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "ffn_dim": 128,
+        "num_attention_heads": 4, "max_position_embeddings": 128, "word_embed_proj_dim": 32}
+PROFILE = {"device_flops_float32": 1e11, "device_flops_decode_float32": 5e10, "device_bmm_flops_float32": 5e10,
+           "device_attn_bw": 2e10, "cpu_attn_bw": 2e10, "device_mem_bw": 2e10, "disk_read_bw": 2e9,
+           "disk_read_cache_bw": 1e9, "disk_write_bw": 1e9, "disk_latency_s": 1e-3}
+
+
+def ev(name, stream: str, start: float, end: float) -> Event:
+    return Event(stream, str(name), start, end, 0, {})
+
+
+def synthetic():
+    """Two weight reads from disk (200 MB in 0.102 s), a KV cache prefix read (10 MB in 0.011 s),
+    and ops that are not disk reads: a cache slice written to disk, a weight load from the host,
+    a zero-byte load from disk, a square."""
+    g = nx.DiGraph()
+    ops = {"w0": ("load", "disk", "device", ("w", 0), 100_000_000, 0.051),
+           "w1": ("load", "disk", "device", ("w", 1), 100_000_000, 0.051),
+           "kv": ("load", "disk", "device", ("kv", 1, 0), 10_000_000, 0.011),
+           "kv_out": ("store", "device", "disk", ("kv", 1, 0), 1_000_000, 0.5),
+           "w_host": ("load", "host", "device", ("w", 2), 50_000_000, 0.5),
+           "empty": ("load", "disk", "device", ("act", 0), 0, 0.5)}
+    events = []
+    for name, (op, src, dst, tensor, nbytes, t) in ops.items():
+        g.add_node(name, op=op, src=src, dst=dst, tensor=tensor, bytes=nbytes)
+        events.append(ev(name, op, 1.0, 1.0 + t))
+    g.add_node((0, 1, 0), kind="mlp")
+    events.append(ev((0, 1, 0), "compute", 0.0, 2.0))
+    return g, events
+
+
+def test_disk_reads_counts_only_reads_from_disk():
+    g, events = synthetic()
+    got = disk_reads(g, events)
+    assert set(got) == {"disk_read_bw", "disk_read_cache_bw"}
+    assert got["disk_read_bw"][:2] == (2, 200_000_000) and got["disk_read_bw"][2] == pytest.approx(0.102)
+    assert got["disk_read_cache_bw"][:2] == (1, 10_000_000) and got["disk_read_cache_bw"][2] == pytest.approx(0.011)
+
+
+def test_observed_rates_take_the_latency_out_as_the_model_prices_it():
+    g, events = synthetic()
+    rates = observed_disk_rates(g, events, latency_s=1e-3)
+    assert rates["disk_read_bw"] == pytest.approx(200e6 / (0.102 - 2e-3))  # 2.0 GB/s
+    assert rates["disk_read_cache_bw"] == pytest.approx(10e6 / (0.011 - 1e-3))  # 1.0 GB/s
+    # reads no longer than their latency: no rate explains them, so none is reported
+    assert observed_disk_rates(g, events, latency_s=0.06) == {}
+    assert observed_disk_rates(nx.DiGraph(), [], 1e-3) == {}  # a run that read nothing from disk
+
+
+def test_with_disk_rates_replaces_only_the_read_keys():
+    prof = dict(PROFILE)
+    out = with_disk_rates(prof, {"disk_read_bw": 1e9})
+    assert out["disk_read_bw"] == 1e9 and out["disk_read_cache_bw"] == 1e9 and prof["disk_read_bw"] == 2e9
+    assert {k: v for k, v in out.items() if k != "disk_read_bw"} == {k: v for k, v in prof.items() if k != "disk_read_bw"}
+    with pytest.raises(ValueError, match="disk_write_bw"):
+        with_disk_rates(prof, {"disk_write_bw": 1e9})
+
+
+def test_rates_of_a_run_priced_by_the_model_are_the_model_rates():
+    """A compiled graph with weights and cache on disk, each load 'measured' at what the cost model
+    prices it at other rates: the observed rates are those rates, and the profile set to them
+    predicts the run the model made of them."""
+    cfg = compose(["model=opt-125m", "model.dtype=float32", "executor=async", "policy.percent=[0,0,0,0,100,0]",
+                   "policy.cpu_attention=true"])
+    cfg.hardware.profile = dict(PROFILE)
+    g = run_pipeline(build_graph(build_spec(hf_config_from_arch(TINY)), batch=4, num_batches=2, prompt_len=16,
+                                 gen_len=4, dtype="float32"), cfg)
+    truth = with_disk_rates(PROFILE, {"disk_read_bw": 0.7e9, "disk_read_cache_bw": 0.4e9})
+    run = CostModel(truth, "float32", "cpu")
+    events = [ev(n, "load", 0.0, run.io_s(a)) for n, a in g.nodes(data=True) if a.get("op") == "load"]
+    rates = observed_disk_rates(g, events, PROFILE["disk_latency_s"])
+    assert rates == {"disk_read_bw": pytest.approx(0.7e9), "disk_read_cache_bw": pytest.approx(0.4e9)}
+    scaled = simulate(g, CostModel(with_disk_rates(PROFILE, rates), "float32", "cpu"))
+    assert scaled.total_tok_s == pytest.approx(simulate(g, run).total_tok_s)
+    assert scaled.total_tok_s < simulate(g, CostModel(PROFILE, "float32", "cpu")).total_tok_s  # a slower disk
