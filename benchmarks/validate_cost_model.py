@@ -6,7 +6,10 @@ cache dropped first), best of --repeats after a short warm-up, and predicted by 
 hardware=auto's profile, fitted to probe runs first (graphgen.perf.calibrate; --calibrate each: before
 every case, as the load of a shared machine drifts). Prints measured and predicted
 prefill / decode / total throughput, the error of the total, and the spread of the repeats (1 -
-slowest / fastest: the noise of a shared machine).
+slowest / fastest: the noise of a shared machine). A case that reads from disk is also predicted
+at the disk read rates its own run achieved (its trace's disk loads: bytes / their seconds, at the
+profile's disk_latency_s), beside the first prediction: this takes the disk's speed as given
+(not a prediction made before the run) and tests the rest of the model (overlap, compute, scheduling).
 Part 2 (--auto): for one model and tier budgets, every policy of a hand-written grid and the one
 policy=auto picks are simulated, and the grid's best few and auto's pick are measured, in
 interleaved rounds (--repeats of them; best and median of each policy).
@@ -24,13 +27,14 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLM, compose, drop_page_cache, machine, prompts  # noqa: E402
 
-from graphgen.perf.costmodel import CostModel, square_parts  # noqa: E402
+from graphgen.perf.calibrate import READ_KEYS, observed_disk_rates, with_disk_rates  # noqa: E402
+from graphgen.perf.costmodel import CostModel, simulate, square_parts  # noqa: E402
 from graphgen.perf.probes import run_ahead  # noqa: E402
 from graphgen.perf.simulate import hardware_profile, predict  # noqa: E402
 
@@ -74,20 +78,21 @@ CASES: Dict[str, tuple] = {
 }
 
 
-def measure(cfg, repeats: int, breakdown: bool = False):
-    """Best-of-`repeats` run stats of cfg's workload, after a 2-token warm-up; and its graph."""
+def measure(cfg, repeats: int, trace: bool = False):
+    """Best-of-`repeats` run stats of cfg's workload, after a 2-token warm-up (with trace: the
+    run's trace events, st["events"]); and its graph."""
     w, p = cfg.workload, cfg.policy
     ids = prompts(p.gpu_batch_size * p.num_gpu_batches, w.prompt_len)
-    cfg.executor.trace = breakdown
+    cfg.executor.trace = trace
     with LLM(config=cfg) as llm:
         llm.generate(ids, max_new_tokens=2)  # weights placed, kernels warm
         runs = []
         for _ in range(repeats):
             drop_page_cache()
-            n_ev = len(llm.executor.trace.events) if breakdown else 0
+            n_ev = len(llm.executor.trace.events) if trace else 0
             llm.generate(ids, max_new_tokens=w.gen_len)
             st = dict(llm.last_stats)
-            if breakdown:
+            if trace:
                 st["events"] = llm.executor.trace.events[n_ev:]
             runs.append(st)
         graph = llm.graph
@@ -96,19 +101,47 @@ def measure(cfg, repeats: int, breakdown: bool = False):
     return best, graph
 
 
-def row(name: str, what: str, st: Dict, pr) -> str:
+def row(name: str, what: str, st: Dict, pr, at_disk: Optional[float]) -> str:
+    """A case's line; at_disk: the error of total throughput predicted at the disk rates of the case."""
     gen = st["gen_len"]
     pred = {"prefill": pr.prompt_tokens / pr.prefill_s, "decode": (pr.tokens - pr.tokens // gen) / pr.decode_s,
             "total": pr.total_tok_s}
     err = pred["total"] / st["total_tok_s"] - 1
+    second = "-" if at_disk is None else f"{at_disk:+.1%}"
     return (f"{name:<16} {what[:38]:<38} {st['prefill_tok_s']:8.1f} {pred['prefill']:8.1f}   "
             f"{st['decode_tok_s']:7.2f} {pred['decode']:7.2f}   {st['total_tok_s']:7.2f} {pred['total']:7.2f}  "
-            f"{err:+6.1%}  {st['spread']:6.0%}   {pr.bottleneck}; load {os.getloadavg()[0]:.1f}")
+            f"{err:+6.1%} {second:>8}  {st['spread']:6.0%}   {pr.bottleneck}; load {os.getloadavg()[0]:.1f}")
 
 
 HEADER = (f"{'case':<16} {'placement':<38} {'prefill tok/s':>17}   {'decode tok/s':>15}   "
-          f"{'total tok/s':>15}  {'error':>6}  {'spread':>6}   predicted bottleneck\n{'':<55}{'meas':>8} {'pred':>8}   "
-          f"{'meas':>7} {'pred':>7}   {'meas':>7} {'pred':>7}")
+          f"{'total tok/s':>15}  {'error':>6} {'at disk':>8}  {'spread':>6}   predicted bottleneck\n"
+          f"{'':<55}{'meas':>8} {'pred':>8}   {'meas':>7} {'pred':>7}   {'meas':>7} {'pred':>7}  "
+          f"{'':>6} {'rate':>8}\n"
+          f"(error: predicted at the calibrated profile; at disk rate: the same case predicted with the profile's "
+          f"disk read rates set to the rates the disk gave during the case, from the executor's trace)")
+
+
+def at_case_disk_rates(cfg, graph, events, profile: Dict[str, float]):
+    """The case predicted again with the profile's disk read rates (disk_read_bw for weights,
+    disk_read_cache_bw for the KV cache) set to those its own run achieved (bytes / seconds of
+    its disk loads, at the profile's disk_latency_s: graphgen.perf.calibrate.observed_disk_rates).
+    The disk's speed is taken as given; what is tested is the rest of the model. (None, {}) for
+    a case that reads nothing from disk."""
+    rates = observed_disk_rates(graph, events, profile.get("disk_latency_s", 0.0))
+    if not rates:
+        return None, rates
+    model = CostModel(with_disk_rates(profile, rates), cfg.model.dtype, cfg.hardware.device)
+    return simulate(graph, model, overlap=cfg.executor.name != "reference"), rates
+
+
+def describe_rates(rates: Dict[str, float], profile: Dict[str, float]) -> str:
+    names = {v: k for k, v in READ_KEYS.items()}
+    parts = []
+    for key, r in sorted(rates.items()):
+        cal = profile.get(key, profile["disk_read_bw"])  # no cache key: the cache is priced at disk_read_bw
+        what = "weights" if names[key] == "read" else "KV cache"
+        parts.append(f"{what} {r / 1e9:.2f} GB/s ({key}; calibrated {cal / 1e9:.2f}, x{r / cal:.2f})")
+    return "disk reads during the case: " + ", ".join(parts)
 
 
 def breakdown(graph, events, model: CostModel) -> None:
@@ -132,21 +165,48 @@ def breakdown(graph, events, model: CostModel) -> None:
         print(f"    {k:<40} n={count[k]:<6} measured {meas[k]:8.3f} s   predicted {pred[k]:8.3f} s")
 
 
-def run_cases(names: Sequence[str], repeats: int, show_breakdown: bool, calibrate: str) -> List[float]:
+def run_cases(names: Sequence[str], repeats: int, show_breakdown: bool,
+              calibrate: str) -> Tuple[List[float], List[Optional[float]]]:
+    """Each case measured and predicted: the errors of total throughput at the calibrated profile,
+    and at the disk rates of the case (None where it reads nothing from disk)."""
     print(HEADER)
-    errors = []
+    errors, at_disk = [], []
     for name in names:
         if calibrate == "each":  # the shared machine's load drifts: fit the profile just before the case
             recalibrate()
         what, ov = CASES[name]
         cfg = compose(BASE + ov)
-        st, graph = measure(cfg, repeats, show_breakdown)
+        st, graph = measure(cfg, repeats, trace=True)
+        profile = hardware_profile(cfg)
         pr = predict(cfg, graph)
+        pr_disk, rates = at_case_disk_rates(cfg, graph, st["events"], profile)
         errors.append(pr.total_tok_s / st["total_tok_s"] - 1)
-        print(row(name, what, st, pr) + f"; policy=auto's LP {lp_tok_s(cfg):.2f}", flush=True)
+        at_disk.append(None if pr_disk is None else pr_disk.total_tok_s / st["total_tok_s"] - 1)
+        print(row(name, what, st, pr, at_disk[-1]) + f"; policy=auto's LP {lp_tok_s(cfg):.2f}", flush=True)
+        if rates:
+            print(f"    {describe_rates(rates, profile)}; predicted total {pr_disk.total_tok_s:.2f} tok/s",
+                  flush=True)
         if show_breakdown:
-            breakdown(graph, st["events"], CostModel(hardware_profile(cfg), cfg.model.dtype, "cpu"))
-    return errors
+            breakdown(graph, st["events"], CostModel(profile, cfg.model.dtype, "cpu"))
+    return errors, at_disk
+
+
+def summary(errors: Sequence[float], at_disk: Sequence[Optional[float]], bar: float = 0.15) -> List[str]:
+    """The summary lines: all cases at the calibrated profile; then the cases that read from disk,
+    at the calibrated rates and at the rates the disk gave during each case."""
+    within = lambda es: sum(abs(e) <= bar for e in es)  # noqa: E731
+    lines = [f"|error| of total throughput: median {statistics.median(abs(e) for e in errors):.1%}, "
+             f"max {max(abs(e) for e in errors):.1%}; within {bar:.0%}: {within(errors)} of {len(errors)}"]
+    disk = [(e, d) for e, d in zip(errors, at_disk) if d is not None]
+    if disk:
+        n = len(disk)
+        lines.append(f"cases reading from disk: {within(e for e, _ in disk)} of {n} within {bar:.0%} at the "
+                     f"calibrated rates; {within(d for _, d in disk)} of {n} at the rates the disk gave during "
+                     f"each case")
+        both = [d if d is not None else e for e, d in zip(errors, at_disk)]
+        lines.append(f"all cases: {within(errors)} of {len(errors)} within {bar:.0%} at the calibrated rates; "
+                     f"{within(both)} of {len(both)} at the rates the disk gave during each case")
+    return lines
 
 
 def lp_tok_s(cfg) -> float:
@@ -240,10 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print("profile: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(profile.items())))
     names = [n for n in args.cases.split(",") if n]
     if names:
-        errors = run_cases(names, args.repeats, args.breakdown, args.calibrate)
-        print(f"|error| of total throughput: median {statistics.median(abs(e) for e in errors):.1%}, "
-              f"max {max(abs(e) for e in errors):.1%}; within 15%: {sum(abs(e) <= 0.15 for e in errors)}"
-              f" of {len(errors)}")
+        errors, at_disk = run_cases(names, args.repeats, args.breakdown, args.calibrate)
+        print("\n".join(summary(errors, at_disk)))
     if not args.no_auto:
         compare_auto(args.repeats, args.measure_top)
 
