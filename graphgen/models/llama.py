@@ -84,10 +84,9 @@ class LlamaSpec(ModelSpec):
 
     # --- compute ---------------------------------------------------------------
     def _rms(self, w, h):
-        # as HF's LlamaRMSNorm: statistics in float32, scale in the input dtype
-        x = h.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w["ln.weight"] * x.to(h.dtype)
+        # as HF's LlamaRMSNorm: statistics in float32, scale in the input dtype. F.rms_norm runs the
+        # same ops (pow, mean, + eps, rsqrt, mul: bit-identical) in one call from Python
+        return w["ln.weight"] * F.rms_norm(h.float(), (h.shape[-1],), None, self.eps).to(h.dtype)
 
     def embed(self, w, tokens, positions):
         return F.embedding(tokens, w["embed_tokens.weight"])  # (B, s, H); positions enter via rotary

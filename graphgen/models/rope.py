@@ -80,19 +80,23 @@ class Rotary:
         return out
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """-> cos, and sin with its first half negated (what apply() multiplies the swapped halves by)."""
         inv, scale = self._freqs_for(positions)
         freqs = positions[..., None].float() * inv.to(positions.device)  # (B, s, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
+        cos, sin = (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+        return torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, n, s, d] -> x with its first `dim` features rotated (GPT-NeoX style halves)."""
+        """x [B, n, s, d] -> x with its first `dim` features rotated (GPT-NeoX style halves), given
+        cos_sin()'s tables. HF's x * cos + rotate_half(x) * sin, bit for bit: rotate_half(x) * sin
+        = [-x2, x1] * [s1, s2] = [x2, x1] * [-s1, s2] (negation is exact), with the halves swapped
+        by one flip where HF negates one and joins both (one op fewer per call)."""
         if self.dim == x.shape[-1]:
-            return x * cos + _rotate_half(x) * sin
+            return x * cos + _swap_halves(x) * sin
         rot, rest = x[..., :self.dim], x[..., self.dim:]
-        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+        return torch.cat((rot * cos + _swap_halves(rot) * sin, rest), dim=-1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [x2, x1] along the last dim."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)

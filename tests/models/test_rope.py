@@ -1,6 +1,7 @@
-"""graphgen.models.rope: the cos/sin tables kept per positions tensor."""
+"""graphgen.models.rope: the cos/sin tables kept per positions tensor, and the rotation itself."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -27,3 +28,22 @@ def test_cos_sin_keeps_only_the_current_positions_tables():
     assert len(rot._last) == 3
     rot.cos_sin(b, torch.float32)  # the next step's tensor: a's tables are dropped
     assert len(rot._last) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_apply_is_hf_rotation_bit_for_bit(dtype, partial):
+    """apply() swaps the halves against a sign-folded sin; HF negates one half and joins them."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, partial_rotary_factor=partial)
+    rot = Rotary(cfg, 32)
+    pos = torch.arange(5)[None].expand(3, 5)
+    x = torch.randn(3, 2, 5, 32).to(dtype)
+    cos, sin = rot.cos_sin(pos, dtype)
+    d = rot.dim
+    freqs = pos[..., None].float() * rot.inv_freq
+    emb = torch.cat((freqs, freqs), -1)
+    hf_cos, hf_sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    hf = torch.cat((x[..., :d] * hf_cos + rotate_half(x[..., :d]) * hf_sin, x[..., d:]), -1)
+    assert torch.equal(rot.apply(x, cos, sin), hf)
