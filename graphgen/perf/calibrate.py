@@ -17,7 +17,9 @@ weighted by its share of its run's time:
                   (+ weight bytes / plain_weight_bw when they came from the host or disk tier: not
                   prepacked, see CostModel.reorder_s) + cache bytes / device_attn_bw | cpu_attn_bw
                 + prefill on such weights: matmul FLOPs / plain_flops (oneDNN's plain, unfused path)
-  disk op     = disk_latency_s + bytes / disk_read_bw (reads)
+  disk op     = disk_latency_s + bytes / disk_read_bw (weight reads) | disk_read_cache_bw (KV cache
+                reads), one latency shared by both kinds and by 4 KiB reads through the same path
+                (probes.small_read_times), which set it: see fit_disk_reads
                 disk_write_latency_s + bytes / disk_write_bw (writes: the cache's slices are buffered)
 plus compute_io_contention seconds per second of disk I/O the trace shows beside the square (on
 a small machine the I/O threads take cores from compute; the overlap is measured, so the fit stays
@@ -279,10 +281,41 @@ def inline_io(runs: List[Dict], memcpy_bw: float) -> float:
     return max(0.0, statistics.median(extra)) if extra else 0.0
 
 
-def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0,
-        same_memory: bool = True) -> Tuple[Dict[str, float], Dict]:
+def fit_disk_reads(reads: Sequence[Tuple[int, float]], cache_reads: Sequence[Tuple[int, float]],
+                   small_reads: Sequence[float] = ()) -> Dict[str, float]:
+    """disk_latency_s, disk_read_bw and disk_read_cache_bw from (bytes, seconds) of the probes'
+    weight reads and KV cache prefix reads and the seconds of 4 KiB reads through the same path
+    (probes.small_read_times): one least-squares fit on relative error, every read costing one
+    shared latency (the intercept) + its bytes at its kind's rate (a slope per kind).
+
+    The probes' own reads (4.7 MB and up) cannot set the intercept: at ~2 GB/s its ~0.1 ms is a few
+    % of their time, less than their rates vary with size (4.7 MB reads fill one of the tier's
+    8 MiB requests, 200 MB ones keep four in flight) and from run to run, so a latency fitted from
+    them alone took that variation (2.83 ms, 0.28 ms and 0 in calibrations minutes apart) and the
+    cache's rate, fitted net of it, moved with it (4.39 GB/s against 1.3-2.1). The small reads,
+    whose time is all latency, pin it. A kind with fewer than 2 reads is left out."""
+    kinds = [(k, pts) for k, pts in (("disk_read_bw", reads), ("disk_read_cache_bw", cache_reads)) if len(pts) >= 2]
+    if not kinds:
+        return {}
+    rows, y = [], []
+    for j, (_, pts) in enumerate(kinds):
+        for n, t in pts:
+            rows.append([1.0] + [float(n) if i == j else 0.0 for i in range(len(kinds))])
+            y.append(t)
+    for t in small_reads:  # 4 KiB: their bytes (~2 us) are noise beside their latency
+        rows.append([1.0] + [0.0] * len(kinds))
+        y.append(t)
+    c = fit_relative(np.array(rows), np.array(y))
+    out = {"disk_latency_s": float(c[0])}
+    out.update({k: float(1 / v) if v > 1e-18 else 1e18 for (k, _), v in zip(kinds, c[1:])})
+    return out
+
+
+def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0, same_memory: bool = True,
+        small_reads: Sequence[float] = ()) -> Tuple[Dict[str, float], Dict]:
     """The calibrated keys from traced runs (memcpy_bw: the profile's host_memcpy_bw, which
-    prices the bytes of the inline copies; same_memory: the runs' device is the host CPU)."""
+    prices the bytes of the inline copies; same_memory: the runs' device is the host CPU;
+    small_reads: seconds of 4 KiB disk reads, probes.small_read_times, which set the latency)."""
     X, y, share, reads, cache_reads, writes, gaps = [], [], [], [], [], [], []
     for r in runs:
         f, t, n, d = groups(r, same_memory)
@@ -314,24 +347,16 @@ def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0,
     gap = statistics.median(gaps) if gaps else 0.0
     out["compute_overhead_s"] += gap
     out["inline_io_s"] = inline_io(runs, memcpy_bw)
-    for direction, pts in (("read", reads), ("write", writes)):
-        if len(pts) >= 2:
-            b = np.array([[1.0, n] for n, _ in pts])
-            lat, inv = fit_relative(b, np.array([t for _, t in pts]))
-            out[f"disk_{direction}_bw"] = float(1 / inv) if inv > 1e-18 else 1e18
-            out["disk_latency_s" if direction == "read" else "disk_write_latency_s"] = float(lat)
-    if len(cache_reads) >= 2:  # the KV cache's prefix reads, at the read latency just fitted
-        lat = out.get("disk_latency_s", 0.0)
-        n, t = np.array([[float(n)] for n, _ in cache_reads]), np.array([t - lat for _, t in cache_reads])
-        keep = t > 0
-        if keep.sum() >= 2:
-            inv = fit_relative(n[keep], t[keep])[0]
-            out["disk_read_cache_bw"] = float(1 / inv) if inv > 1e-18 else 1e18
+    out.update(fit_disk_reads(reads, cache_reads, small_reads))
+    if len(writes) >= 2:  # the cache's slice writes: ~0 and ~13 MB, sizes that set the latency apart
+        lat, inv = fit_relative(np.array([[1.0, n] for n, _ in writes]), np.array([t for _, t in writes]))
+        out["disk_write_bw"] = float(1 / inv) if inv > 1e-18 else 1e18
+        out["disk_write_latency_s"] = float(lat)
     pred = X @ c
     err = pred / y - 1
     quality = {"squares": int(len(y)), "median_abs_rel_err": float(np.median(np.abs(err))),
                "gap_s": gap, "disk_reads": len(reads), "disk_cache_reads": len(cache_reads),
-               "disk_writes": len(writes)}
+               "disk_writes": len(writes), "disk_small_reads": len(small_reads)}
     return out, quality
 
 
@@ -356,8 +381,9 @@ def calibrate(dtype: str = "bfloat16", offload_dir: Optional[str] = None, device
         if verbose:
             st = runs[-1]["stats"]
             print(f"  probe {runs[-1]['name']}: {st['total_tok_s']:.1f} tok/s", flush=True)
+    small = probes.small_read_times(offload_dir)  # the disk's fixed cost per read, beside the probes
     keys, quality = fit(runs, dtype, record["profile"].get("host_memcpy_bw", 0.0),
-                        same_memory=bool(record["profile"].get("device_is_host")))
+                        same_memory=bool(record["profile"].get("device_is_host")), small_reads=small)
     fitted.update(keys)
     record["profile"].update(fitted, calibrated=1.0)
     record["meta"]["calibration"] = {"runs": [r["name"] for r in runs], "fit": quality, "dtype": dtype}

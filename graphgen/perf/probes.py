@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from executors.disk_io import ALIGN, FileIO, aligned_empty
 from executors.offload_dir import private_run_dir
 from executors.quant import dequantize, quantize
 
@@ -311,6 +312,32 @@ def _disk_latency(path: str, repeats: int) -> float:
         buf.close()
         if os.path.exists(path):
             os.unlink(path)
+
+
+def small_read_times(offload_dir: str, repeats: int = 20, threads: int = 4) -> List[float]:
+    """Seconds of each of `repeats` reads of one 4 KiB block, at random offsets of a 64 MiB file,
+    through the disk tier's own read path (executors.disk_io.FileIO.read_into: open, the I/O thread
+    pool, preadv, close; O_DIRECT where the filesystem takes it): a read whose bytes take ~2 us, so
+    its time is the tier's fixed cost per read. In a private run directory, as disk_latency."""
+    import random
+
+    with private_run_dir(offload_dir) as d:
+        path, size = os.path.join(d, "small_reads.bin"), 64 << 20
+        with open(path, "wb") as f:
+            f.write(os.urandom(1 << 20) * 64)
+        _drop_from_page_cache(path)
+        io, buf, rng, times = FileIO(threads, direct=True), aligned_empty(ALIGN), random.Random(0), []
+        try:
+            io.read_into(path, [(0, buf, ALIGN)])  # the pool's threads start (a run's exist already)
+            for _ in range(repeats):
+                off = rng.randrange(size // ALIGN) * ALIGN
+                t0 = time.perf_counter()
+                io.read_into(path, [(off, buf, ALIGN)])
+                times.append(time.perf_counter() - t0)
+        finally:
+            io.close()
+            os.unlink(path)
+        return times
 
 
 # ---------------------------------------------------------------- memory links

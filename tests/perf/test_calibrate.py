@@ -1,15 +1,20 @@
 """Calibration's reading of a traced run: the disk read rates a run achieved, as the cost model
-defines them, and a profile with its disk read rates set to them."""
+defines them, and a profile with its disk read rates set to them; the fit of the disk's read
+latency and rates from the probes' reads."""
 from __future__ import annotations
 
+import os
+
 import networkx as nx
+import numpy as np
 import pytest
 
 from executors.trace import Event
 from graphgen.build import build_graph
 from graphgen.config import compose
 from graphgen.models import build_spec, hf_config_from_arch
-from graphgen.perf.calibrate import disk_reads, observed_disk_rates, with_disk_rates
+from graphgen.perf.calibrate import disk_reads, fit_disk_reads, fit_relative, observed_disk_rates, with_disk_rates
+from graphgen.perf.probes import small_read_times
 from graphgen.perf.costmodel import CostModel, simulate
 from passes import run_pipeline
 
@@ -88,3 +93,59 @@ def test_rates_of_a_run_priced_by_the_model_are_the_model_rates():
     scaled = simulate(g, CostModel(with_disk_rates(PROFILE, rates), "float32", "cpu"))
     assert scaled.total_tok_s == pytest.approx(simulate(g, run).total_tok_s)
     assert scaled.total_tok_s < simulate(g, CostModel(PROFILE, "float32", "cpu")).total_tok_s  # a slower disk
+
+
+LAT, BW, CACHE_BW = 1e-4, 2.0e9, 1.4e9  # the synthetic disk: 0.1 ms per read, weights 2 GB/s, cache 1.4 GB/s
+
+
+def probe_reads(small_rate: float, seed: int):
+    """Reads shaped as calibration's probes make them (weights 4.7-206 MB, cache prefixes 12.7 MB,
+    counts as in one calibration) and 20 reads of 4 KiB, each time x lognormal noise (10%, seeded);
+    the weight reads under 8 MiB (one request of the tier) run at small_rate x the rate, as on this
+    machine's disk, where they ran at 0.65x the rate of 34 MB ones in one calibration."""
+    rng = np.random.default_rng(seed)
+    noise = lambda n: np.exp(rng.normal(0.0, 0.1, n))  # noqa: E731
+    reads = []
+    for nbytes, count in ((4_700_000, 160), (9_400_000, 160), (33_600_000, 32), (67_100_000, 32), (206_000_000, 16)):
+        rate = BW * (small_rate if nbytes < 8 << 20 else 1.0)
+        reads += [(nbytes, (LAT + nbytes / rate) * e) for e in noise(count)]
+    cache = [(12_700_000, (LAT + 12_700_000 / CACHE_BW) * e) for e in noise(280)]
+    return reads, cache, list(LAT * noise(20))
+
+
+def old_fit(reads, cache):
+    """The fit before: latency and weight rate from the weight reads alone, the cache's rate net of it."""
+    lat, inv = fit_relative(np.array([[1.0, n] for n, _ in reads]), np.array([t for _, t in reads]))
+    n, t = np.array([[float(n)] for n, _ in cache]), np.array([t - lat for _, t in cache])
+    return lat, 1 / inv, 1 / fit_relative(n[t > 0], t[t > 0])[0]
+
+
+def test_the_small_reads_pin_the_latency_the_probes_reads_cannot():
+    """The probes' reads alone leave the intercept to the rates' variation with size: two draws a
+    little apart give latencies 0 and > 1 ms and cache rates 20% apart. With the 4 KiB reads in one
+    fit, the latency is the true one within 10% in both, and the rates within 15% and 5%."""
+    draws = [probe_reads(0.65, 1), probe_reads(1.1, 2)]
+    old = [old_fit(r, c) for r, c, _ in draws]
+    assert old[0][0] > 10 * LAT and old[1][0] == 0.0  # the latency swings
+    assert old[0][2] > 1.15 * old[1][2]  # and the cache's rate, fitted net of it, with it
+    for reads, cache, small in draws:
+        got = fit_disk_reads(reads, cache, small)
+        assert got["disk_latency_s"] == pytest.approx(LAT, rel=0.1)
+        assert got["disk_read_bw"] == pytest.approx(BW, rel=0.15)
+        assert got["disk_read_cache_bw"] == pytest.approx(CACHE_BW, rel=0.05)
+
+
+def test_fit_disk_reads_without_some_kinds():
+    reads, cache, small = probe_reads(1.0, 3)
+    assert fit_disk_reads([], []) == {}
+    got = fit_disk_reads(reads, cache[:1], small)  # one cache read: no rate for it
+    assert set(got) == {"disk_latency_s", "disk_read_bw"} and got["disk_read_bw"] == pytest.approx(BW, rel=0.05)
+    got = fit_disk_reads([], cache, small)  # the KV cache on disk alone
+    assert set(got) == {"disk_latency_s", "disk_read_cache_bw"}
+    assert got["disk_read_cache_bw"] == pytest.approx(CACHE_BW, rel=0.05)
+
+
+def test_small_read_times_reads_through_the_tier_and_cleans_up(tmp_path):
+    times = small_read_times(str(tmp_path), repeats=5)
+    assert len(times) == 5 and all(0 < t < 1 for t in times)
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs] == []  # the probe file is gone
