@@ -228,10 +228,11 @@ def test_calibration_never_caches_an_inconsistent_profile(cache_env, monkeypatch
     monkeypatch.setattr(hp, "_THIS_RUN", {})
     monkeypatch.setattr(calibrate, "RUNS", [])
     monkeypatch.setattr(calibrate, "memory_now", lambda device: {"device_mem_bw": 1e10, "host_mem_bw": 1e10})
-    monkeypatch.setattr(calibrate, "fit", lambda runs, dtype, bw, same_memory=True: ({"compute_overhead_s": 0.031}, {}))
+    monkeypatch.setattr(calibrate.probes, "small_read_times", lambda offload_dir: [1e-4] * 20)
+    monkeypatch.setattr(calibrate, "fit", lambda runs, dtype, bw, **kw: ({"compute_overhead_s": 0.031}, {}))
     calibrate.calibrate(verbose=False)
     assert not hp.cache_path("cpu").exists() and "NOT cached" in capsys.readouterr().err
-    monkeypatch.setattr(calibrate, "fit", lambda runs, dtype, bw, same_memory=True: ({"compute_overhead_s": 3e-4}, {}))
+    monkeypatch.setattr(calibrate, "fit", lambda runs, dtype, bw, **kw: ({"compute_overhead_s": 3e-4}, {}))
     calibrate.calibrate(verbose=False)
     assert json.loads(hp.cache_path("cpu").read_text())["profile"]["calibrated"] == 1.0
 
