@@ -18,8 +18,9 @@ weighted by its share of its run's time:
                   prepacked, see CostModel.reorder_s) + cache bytes / device_attn_bw | cpu_attn_bw
                 + prefill on such weights: matmul FLOPs / plain_flops (oneDNN's plain, unfused path)
   disk op     = disk_latency_s + bytes / disk_read_bw (weight reads) | disk_read_cache_bw (KV cache
-                reads), one latency shared by both kinds and by 4 KiB reads through the same path
-                (probes.small_read_times), which set it: see fit_disk_reads
+                reads): the latency is the median 4 KiB read through the disk tier's path
+                (probes.small_read_times), shared by both kinds; each rate is its reads' bytes over
+                their seconds net of it (fit_disk_reads)
                 disk_write_latency_s + bytes / disk_write_bw (writes: the cache's slices are buffered)
 plus compute_io_contention seconds per second of disk I/O the trace shows beside the square (on
 a small machine the I/O threads take cores from compute; the overlap is measured, so the fit stays
@@ -231,11 +232,8 @@ def observed_disk_rates(graph, events, latency_s: float) -> Dict[str, float]:
     latency_s + bytes / rate): per key of READ_KEYS, the rate at which its reads, at that latency,
     take the seconds they took: bytes / (seconds - ops x latency_s). A kind the run did not read,
     or whose reads took no longer than their latency alone, is left out."""
-    out = {}
-    for key, (n, b, t) in disk_reads(graph, events).items():
-        if t - n * latency_s > 0:
-            out[key] = b / (t - n * latency_s)
-    return out
+    rates = {key: net_rate(n, b, t, latency_s) for key, (n, b, t) in disk_reads(graph, events).items()}
+    return {key: r for key, r in rates.items() if r}
 
 
 def with_disk_rates(profile: Dict[str, float], rates: Dict[str, float]) -> Dict[str, float]:
@@ -282,40 +280,44 @@ def inline_io(runs: List[Dict], memcpy_bw: float) -> float:
 
 
 def fit_disk_reads(reads: Sequence[Tuple[int, float]], cache_reads: Sequence[Tuple[int, float]],
-                   small_reads: Sequence[float] = ()) -> Dict[str, float]:
-    """disk_latency_s, disk_read_bw and disk_read_cache_bw from (bytes, seconds) of the probes'
-    weight reads and KV cache prefix reads and the seconds of 4 KiB reads through the same path
-    (probes.small_read_times): one least-squares fit on relative error, every read costing one
-    shared latency (the intercept) + its bytes at its kind's rate (a slope per kind).
+                   latency_s: float) -> Dict[str, float]:
+    """disk_read_bw and disk_read_cache_bw from (bytes, seconds) of the probes' weight reads and KV
+    cache prefix reads, at a read latency measured apart (calibrate: the median 4 KiB read through
+    the disk tier's path, probes.small_read_times): per kind, its n reads' bytes B over their
+    seconds T net of the latency, B / (T - n x latency_s): the rate at which the cost model (a read
+    costs latency_s + bytes / rate) prices those reads at the seconds they took in all, as
+    observed_disk_rates reads a run. It is least squares with that intercept and each read's
+    variance proportional to its bytes (a sum of request times). A kind with fewer than 2 reads,
+    or whose reads took no longer than their latency, is left out.
 
-    The probes' own reads (4.7 MB and up) cannot set the intercept: at ~2 GB/s its ~0.1 ms is a few
-    % of their time, less than their rates vary with size (4.7 MB reads fill one of the tier's
-    8 MiB requests, 200 MB ones keep four in flight) and from run to run, so a latency fitted from
-    them alone took that variation (2.83 ms, 0.28 ms and 0 in calibrations minutes apart) and the
-    cache's rate, fitted net of it, moved with it (4.39 GB/s against 1.3-2.1). The small reads,
-    whose time is all latency, pin it. A kind with fewer than 2 reads is left out."""
-    kinds = [(k, pts) for k, pts in (("disk_read_bw", reads), ("disk_read_cache_bw", cache_reads)) if len(pts) >= 2]
-    if not kinds:
-        return {}
-    rows, y = [], []
-    for j, (_, pts) in enumerate(kinds):
-        for n, t in pts:
-            rows.append([1.0] + [float(n) if i == j else 0.0 for i in range(len(kinds))])
-            y.append(t)
-    for t in small_reads:  # 4 KiB: their bytes (~2 us) are noise beside their latency
-        rows.append([1.0] + [0.0] * len(kinds))
-        y.append(t)
-    c = fit_relative(np.array(rows), np.array(y))
-    out = {"disk_latency_s": float(c[0])}
-    out.update({k: float(1 / v) if v > 1e-18 else 1e18 for (k, _), v in zip(kinds, c[1:])})
+    Why neither the latency nor the rates are fitted on relative error, as before: the probes' reads
+    (4.7 MB and up) cannot set the intercept: ~0.06 ms is a few % of their time, less than their rate
+    varies between the probe runs that make the small and the large ones (1.1-2.7 GB/s), so a
+    latency fitted from them took that variation (0 to 2.83 ms in calibrations minutes apart) and
+    the cache's rate, fitted net of it, moved with it (4.39 GB/s against 1.2-2.1). And a rate fitted
+    on relative error weighs each read's rate alike: with reads' rates spread as on this disk it
+    came out 1.2-1.6x the bytes over the seconds the same reads took, the rate that prices a run."""
+    out = {}
+    for key, pts in (("disk_read_bw", reads), ("disk_read_cache_bw", cache_reads)):
+        if len(pts) >= 2:
+            rate = net_rate(len(pts), sum(n for n, _ in pts), sum(t for _, t in pts), latency_s)
+            if rate:
+                out[key] = rate
     return out
 
 
+def net_rate(n: int, nbytes: float, seconds: float, latency_s: float) -> Optional[float]:
+    """The rate at which n reads of nbytes in all, each costing latency_s, take `seconds`: None when
+    the latency alone takes that long."""
+    return float(nbytes / (seconds - n * latency_s)) if seconds - n * latency_s > 0 else None
+
+
 def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0, same_memory: bool = True,
-        small_reads: Sequence[float] = ()) -> Tuple[Dict[str, float], Dict]:
+        read_latency_s: Optional[float] = None) -> Tuple[Dict[str, float], Dict]:
     """The calibrated keys from traced runs (memcpy_bw: the profile's host_memcpy_bw, which
     prices the bytes of the inline copies; same_memory: the runs' device is the host CPU;
-    small_reads: seconds of 4 KiB disk reads, probes.small_read_times, which set the latency)."""
+    read_latency_s: the disk's seconds per read, measured apart, kept as disk_latency_s and taken
+    out of the reads' seconds before their rates; None: 0, and disk_latency_s is not fitted)."""
     X, y, share, reads, cache_reads, writes, gaps = [], [], [], [], [], [], []
     for r in runs:
         f, t, n, d = groups(r, same_memory)
@@ -347,7 +349,9 @@ def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0, same_memory: bool 
     gap = statistics.median(gaps) if gaps else 0.0
     out["compute_overhead_s"] += gap
     out["inline_io_s"] = inline_io(runs, memcpy_bw)
-    out.update(fit_disk_reads(reads, cache_reads, small_reads))
+    if read_latency_s is not None and (reads or cache_reads):
+        out["disk_latency_s"] = float(read_latency_s)
+    out.update(fit_disk_reads(reads, cache_reads, read_latency_s or 0.0))
     if len(writes) >= 2:  # the cache's slice writes: ~0 and ~13 MB, sizes that set the latency apart
         lat, inv = fit_relative(np.array([[1.0, n] for n, _ in writes]), np.array([t for _, t in writes]))
         out["disk_write_bw"] = float(1 / inv) if inv > 1e-18 else 1e18
@@ -356,7 +360,7 @@ def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0, same_memory: bool 
     err = pred / y - 1
     quality = {"squares": int(len(y)), "median_abs_rel_err": float(np.median(np.abs(err))),
                "gap_s": gap, "disk_reads": len(reads), "disk_cache_reads": len(cache_reads),
-               "disk_writes": len(writes), "disk_small_reads": len(small_reads)}
+               "disk_writes": len(writes)}
     return out, quality
 
 
@@ -383,7 +387,8 @@ def calibrate(dtype: str = "bfloat16", offload_dir: Optional[str] = None, device
             print(f"  probe {runs[-1]['name']}: {st['total_tok_s']:.1f} tok/s", flush=True)
     small = probes.small_read_times(offload_dir)  # the disk's fixed cost per read, beside the probes
     keys, quality = fit(runs, dtype, record["profile"].get("host_memcpy_bw", 0.0),
-                        same_memory=bool(record["profile"].get("device_is_host")), small_reads=small)
+                        same_memory=bool(record["profile"].get("device_is_host")),
+                        read_latency_s=statistics.median(small))
     fitted.update(keys)
     record["profile"].update(fitted, calibrated=1.0)
     record["meta"]["calibration"] = {"runs": [r["name"] for r in runs], "fit": quality, "dtype": dtype}
