@@ -74,7 +74,8 @@ PROFILE_KEYS: Dict[str, str] = {
     "compute_overhead_s": "seconds of one decode square of a tiny layer (H=64, B=1) through graphgen's layer "
                           "code, mean of attention and MLP: the fixed cost of a square's kernels (s)",
     "disk_latency_s": "seconds of one 4 KiB read from offload_dir, page cache bypassed, file opened and "
-                      "closed as the disk tier does per request (s)",
+                      "closed as the disk tier does per request (s); calibrated: the median 4 KiB read "
+                      "through the disk tier's own read path (graphgen.perf.probes.small_read_times)",
     "dequant_bw": "dense bytes/s of dequantising 4-bit group-wise weights (executors.quant) on the "
                   "device, the compute dtype being the default one (bytes/s)",
     "attn_overhead_s": "optional, fitted by graphgen.perf.calibrate: what an attention square costs beyond "
