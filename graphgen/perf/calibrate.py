@@ -294,9 +294,10 @@ def fit_disk_reads(reads: Sequence[Tuple[int, float]], cache_reads: Sequence[Tup
     (4.7 MB and up) cannot set the intercept: ~0.06 ms is a few % of their time, less than their rate
     varies between the probe runs that make the small and the large ones (1.1-2.7 GB/s), so a
     latency fitted from them took that variation (0 to 2.83 ms in calibrations minutes apart) and
-    the cache's rate, fitted net of it, moved with it (4.39 GB/s against 1.2-2.1). And a rate fitted
+    the cache's rate, fitted net of it, moved with it (4.39 GB/s against 1.3-2.1). And a rate fitted
     on relative error weighs each read's rate alike: with reads' rates spread as on this disk it
-    came out 1.2-1.6x the bytes over the seconds the same reads took, the rate that prices a run."""
+    came out 1.07-1.61x the bytes over the seconds of the very reads it was fitted to, the rate that
+    prices a run (docs/costmodel.md, "How calibration fits the disk's read latency and rates")."""
     out = {}
     for key, pts in (("disk_read_bw", reads), ("disk_read_cache_bw", cache_reads)):
         if len(pts) >= 2:
@@ -317,7 +318,8 @@ def fit(runs: List[Dict], dtype: str, memcpy_bw: float = 0.0, same_memory: bool 
     """The calibrated keys from traced runs (memcpy_bw: the profile's host_memcpy_bw, which
     prices the bytes of the inline copies; same_memory: the runs' device is the host CPU;
     read_latency_s: the disk's seconds per read, measured apart, kept as disk_latency_s and taken
-    out of the reads' seconds before their rates; None: 0, and disk_latency_s is not fitted)."""
+    out of the reads' seconds before their rates; None: rates net of no latency, and
+    disk_latency_s left as the profile has it)."""
     X, y, share, reads, cache_reads, writes, gaps = [], [], [], [], [], [], []
     for r in runs:
         f, t, n, d = groups(r, same_memory)
