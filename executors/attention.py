@@ -5,8 +5,9 @@ through the sequence-major view [2, S_max, B, nkv, d] every tier shares (executo
 a square whose cache lives where its attention runs writes its new K/V into the cache and
 attends over the prefix view [2, B, nkv, L, d] in place: no per-step copy of the prefix.
 (The square's store op then finds that slice already in place and copies nothing: the graph's
-store keeps its meaning for the tiers, the planner and the async executor's ordering.) A prefix loaded from another tier,
-or stored compressed, is joined with the new slice into a reused scratch buffer as before.
+store keeps its meaning for the tiers, the planner and the async executor's ordering.) A prefix
+loaded from another tier, or stored compressed, is joined with the new slice into a reused
+scratch buffer as before.
 
 Decode (one new token) on the CPU runs matmul attention over the cache read in place, the
 grouped-query heads of a KV head as one [group, d] matrix (K/V never expanded), softmax in
