@@ -291,7 +291,8 @@ def report(rows: List[Dict], kv_bytes: float, bw: float, peak: float, gemm_s: fl
         bound = ((r.get("weight_bytes") or rows[0]["weight_bytes"]) + kv_bytes) / bw  # s per decode step
         step = r["decode_s"] / (r["G"] - 1) if r["G"] > 1 else float("inf")
         r["decode_bound_frac"] = bound / step
-        r["decode_floor_frac"] = max(bound, gemm_s) / step if "bf16" in r["who"] or r["who"] in ("graphgen", "transformers") else None
+        dense = "bf16" in r["who"] or r["who"] in ("graphgen", "transformers")  # the floor's products are bf16
+        r["decode_floor_frac"] = max(bound, gemm_s) / step if dense else None
         r["prefill_peak_frac"] = flops / r["prefill_s"] / peak
         floor = f"{100 * r['decode_floor_frac']:11.0f}%" if r["decode_floor_frac"] is not None else f"{'-':>12}"
         print(f"{r['who']:<18} {r['prefill_tok_s']:9.1f} {r['decode_tok_s']:8.1f} {r['total_tok_s']:8.1f}  "
