@@ -195,8 +195,8 @@ def groups(run: Dict, same_memory: bool = True) -> Tuple[List, List, List, Dict[
             feats[key] = f
             sq[key].append(e.end - e.start)
             beside[key].append(overlap.get(n, 0.0))
-        elif disk_op_kind(a):
-            disk[disk_op_kind(a)].append((a["bytes"], e.end - e.start))
+        elif kind := disk_op_kind(a):
+            disk[kind].append((a["bytes"], e.end - e.start))
     keys = sorted(sq)
     return ([np.append(feats[k], np.quantile(beside[k], QUANTILE)) for k in keys],
             [float(np.quantile(sq[k], QUANTILE)) for k in keys], [len(sq[k]) for k in keys], disk)

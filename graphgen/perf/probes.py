@@ -291,27 +291,18 @@ def disk_latency(offload_dir: str, repeats: int = 20) -> float:
 
 
 def _disk_latency(path: str, repeats: int) -> float:
-    import random
-
-    size, buf = 64 << 20, _aligned_buffer(4096)
+    buf = _aligned_buffer(BLOCK)
     try:
-        with open(path, "wb") as f:
-            f.write(os.urandom(1 << 20) * 64)
         direct = _o_direct_works(path + ".probe", buf)
-        _drop_from_page_cache(path)
-        rng, times = random.Random(0), []
-        for _ in range(repeats):
-            off = rng.randrange(size // 4096) * 4096
-            t0 = time.perf_counter()
+
+        def read_at(off: int) -> None:
             fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
             os.preadv(fd, [buf], off)
             os.close(fd)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+
+        return statistics.median(_block_read_times(path, repeats, read_at))
     finally:
         buf.close()
-        if os.path.exists(path):
-            os.unlink(path)
 
 
 def small_read_times(offload_dir: str, repeats: int = 20, threads: int = 4) -> List[float]:
@@ -319,25 +310,41 @@ def small_read_times(offload_dir: str, repeats: int = 20, threads: int = 4) -> L
     through the disk tier's own read path (executors.disk_io.FileIO.read_into: open, the I/O thread
     pool, preadv, close; O_DIRECT where the filesystem takes it): a read whose bytes take ~2 us, so
     its time is the tier's fixed cost per read. In a private run directory, as disk_latency."""
+    with private_run_dir(offload_dir) as d:
+        path, io, buf = os.path.join(d, "small_reads.bin"), FileIO(threads, direct=True), aligned_empty(ALIGN)
+        try:
+            return _block_read_times(path, repeats, lambda off: io.read_into(path, [(off, buf, ALIGN)]),
+                                     warm_up=True)
+        finally:
+            io.close()
+
+
+def _block_read_times(path: str, repeats: int, read_at: Callable[[int], None], warm_up: bool = False) -> List[float]:
+    """Seconds of read_at(offset) for `repeats` random BLOCK-aligned offsets of a 64 MiB file of
+    random bytes written at `path` (dropped from the page cache first, removed after); warm_up: one
+    untimed read first (a thread pool's threads start)."""
     import random
 
-    with private_run_dir(offload_dir) as d:
-        path, size = os.path.join(d, "small_reads.bin"), 64 << 20
+    size = 64 << 20
+    try:
         with open(path, "wb") as f:
             f.write(os.urandom(1 << 20) * 64)
         _drop_from_page_cache(path)
-        io, buf, rng, times = FileIO(threads, direct=True), aligned_empty(ALIGN), random.Random(0), []
-        try:
-            io.read_into(path, [(0, buf, ALIGN)])  # the pool's threads start (a run's exist already)
-            for _ in range(repeats):
-                off = rng.randrange(size // ALIGN) * ALIGN
-                t0 = time.perf_counter()
-                io.read_into(path, [(off, buf, ALIGN)])
-                times.append(time.perf_counter() - t0)
-        finally:
-            io.close()
-            os.unlink(path)
+        if warm_up:
+            read_at(0)
+        rng, times = random.Random(0), []
+        for _ in range(repeats):
+            off = rng.randrange(size // BLOCK) * BLOCK
+            t0 = time.perf_counter()
+            read_at(off)
+            times.append(time.perf_counter() - t0)
         return times
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+BLOCK = 4096  # bytes of the latency probes' reads (= disk_io.ALIGN, O_DIRECT's alignment)
 
 
 # ---------------------------------------------------------------- memory links
