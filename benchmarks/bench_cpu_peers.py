@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LLM, machine, matmul_peak, prefill_flops  # noqa: E402
+from common import LLM, best_ms, machine, matmul_peak, prefill_flops  # noqa: E402
 
 WORKLOADS = ["16,256,32", "64,128,64", "1,64,128"]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -106,13 +106,11 @@ def decode_gemm_s(hf_dir: Path, B: int, reps: int = 5) -> float:
     shapes = shapes * cfg["num_hidden_layers"] + [(cfg["vocab_size"], H)]
     ws = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).to(torch.bfloat16), B) for n, k in shapes]
     xs = {k: torch.randn(B, k).to(torch.bfloat16) for _, k in shapes}
-    best = float("inf")
-    for _ in range(reps + 1):  # the first pass warms oneDNN up
-        t = time.perf_counter()
+
+    def step() -> None:
         for w, (_, k) in zip(ws, shapes):
             torch.ops.mkldnn._linear_pointwise(xs[k], w, None, "none", [], "")
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best_ms(step, reps) / 1e3  # (after one untimed pass: oneDNN warms up)
 
 
 # --- the three systems -----------------------------------------------------------------------------
